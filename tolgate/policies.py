@@ -1,0 +1,276 @@
+"""Where a tolerance is chosen: fixed, scheduled, and learned (Gaussian gate) policies.
+
+Every policy answers one question: given the solve's context (what the gate reads, by default
+the initial state ``y0``) and the training progress, which ``rtol``/``atol`` should this solve
+use, and with what log-probability was it drawn? The answer is a :class:`ToleranceChoice`.
+
+Learned tolerances are drawn in ``log10`` space (Section 3 of the InfoCNF paper models the
+tolerance as Gaussian): tolerances span many orders of magnitude, and a Gaussian in log space
+gives every decade the same resolution and keeps every sample positive.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .errors import NonFiniteToleranceError
+
+Tolerance = float | torch.Tensor
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Training progress as policies see it: optimiser steps taken and (fractional) epochs."""
+
+    step: int = 0
+    epoch: float = 0.0
+
+    def value(self, unit: Literal["step", "epoch"]) -> float:
+        if unit == "step":
+            return float(self.step)
+        if unit == "epoch":
+            return float(self.epoch)
+        raise ValueError(f"progress unit must be 'step' or 'epoch', got {unit!r}")
+
+
+@dataclass
+class ToleranceChoice:
+    """A policy's answer for one solve.
+
+    ``rtol``/``atol``: float, or tensor of shape ``(batch,)`` (one tolerance per sample).
+    ``log10_tolerance``: the drawn ``log10(rtol)`` (detached), shape ``()`` or ``(batch,)``.
+    ``log_prob``: log-density of the draw, differentiable in the gate's parameters, or ``None``.
+    """
+
+    rtol: Tolerance
+    atol: Tolerance
+    log10_tolerance: torch.Tensor | None = None
+    log_prob: torch.Tensor | None = None
+
+
+def validate_tolerance(value: Tolerance, name: str) -> None:
+    """Raise ``ValueError`` unless every element of ``value`` is finite and in ``(0, 1]``."""
+    if isinstance(value, torch.Tensor):
+        bad = ~torch.isfinite(value) | (value <= 0) | (value > 1)
+        if bool(bad.any()):
+            raise ValueError(f"{name} must be finite and in (0, 1]; got {value[bad].flatten()[:4].tolist()}")
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0 or value > 1:
+        raise ValueError(f"{name} must be finite and in (0, 1]; got {value!r}")
+
+
+class TolerancePolicy(nn.Module):
+    """Interface: ``policy(context, progress) -> ToleranceChoice``.
+
+    ``deterministic`` is the policy's choice without exploration noise, used in evaluation when a
+    :class:`~tolgate.GatedSolver` has ``eval_policy=None`` (Appendix D of the paper).
+    """
+
+    def forward(self, context: torch.Tensor, progress: Progress) -> ToleranceChoice:
+        raise NotImplementedError
+
+    def deterministic(self, context: torch.Tensor, progress: Progress) -> ToleranceChoice:
+        return self(context, progress)
+
+
+class FixedTolerance(TolerancePolicy):
+    """The same ``rtol`` and ``atol`` (default: ``atol = rtol``) for every solve."""
+
+    def __init__(self, rtol: float, atol: float | None = None) -> None:
+        super().__init__()
+        atol = rtol if atol is None else atol
+        validate_tolerance(rtol, "rtol")
+        validate_tolerance(atol, "atol")
+        self.rtol, self.atol = float(rtol), float(atol)
+
+    def forward(self, context: torch.Tensor, progress: Progress) -> ToleranceChoice:
+        return ToleranceChoice(self.rtol, self.atol)
+
+    @classmethod
+    def from_gate(cls, gate: GaussianGate, contexts: Iterable[torch.Tensor]) -> FixedTolerance:
+        """The ablation "fixed at the trained gate's mean": ``10 ** mean(log10 tolerance)``.
+
+        The mean is taken over every sample of ``contexts`` (an iterable of gate inputs), so the
+        fixed tolerance is the geometric mean of what the gate would choose deterministically.
+        """
+        mean_log10 = gate.mean_log10_tolerance(contexts)
+        return cls(10.0**mean_log10, gate.atol_ratio * 10.0**mean_log10)
+
+    def extra_repr(self) -> str:
+        return f"rtol={self.rtol:g}, atol={self.atol:g}"
+
+
+class ScheduledTolerance(TolerancePolicy):
+    """Tolerance as a function of training progress: the "manually tuned" baselines (Sec. 4.4-4.5).
+
+    ``schedule`` maps progress (in ``unit``: optimiser steps or epochs) to ``rtol``;
+    ``atol = atol_ratio * rtol``. See :meth:`log_linear` and :meth:`piecewise`.
+    """
+
+    def __init__(
+        self,
+        schedule: Callable[[float], float],
+        unit: Literal["step", "epoch"] = "epoch",
+        atol_ratio: float = 1.0,
+    ) -> None:
+        super().__init__()
+        Progress().value(unit)  # validates the unit
+        self.schedule, self.unit, self.atol_ratio = schedule, unit, atol_ratio
+
+    def forward(self, context: torch.Tensor, progress: Progress) -> ToleranceChoice:
+        rtol = float(self.schedule(progress.value(self.unit)))
+        atol = self.atol_ratio * rtol
+        validate_tolerance(rtol, "scheduled rtol")
+        validate_tolerance(atol, "scheduled atol")
+        return ToleranceChoice(rtol, atol)
+
+    @classmethod
+    def log_linear(
+        cls, start: float, end: float, duration: float, unit: Literal["step", "epoch"] = "epoch"
+    ) -> ScheduledTolerance:
+        """Interpolate ``log10(tolerance)`` linearly from ``start`` to ``end`` over ``duration``."""
+        validate_tolerance(start, "start")
+        validate_tolerance(end, "end")
+        if duration <= 0:
+            raise ValueError(f"duration must be > 0, got {duration!r}")
+        lo, hi = math.log10(start), math.log10(end)
+
+        def schedule(progress: float) -> float:
+            frac = min(max(progress / duration, 0.0), 1.0)
+            return 10.0 ** (lo + frac * (hi - lo))
+
+        return cls(schedule, unit)
+
+    @classmethod
+    def piecewise(
+        cls, boundaries: Sequence[float], values: Sequence[float], unit: Literal["step", "epoch"] = "epoch"
+    ) -> ScheduledTolerance:
+        """``values[k]`` while ``boundaries[k-1] <= progress < boundaries[k]``; one more value than boundaries."""
+        if len(values) != len(boundaries) + 1:
+            raise ValueError(f"need len(values) == len(boundaries) + 1, got {len(values)} and {len(boundaries)}")
+        if list(boundaries) != sorted(boundaries):
+            raise ValueError(f"boundaries must be increasing, got {list(boundaries)}")
+        for v in values:
+            validate_tolerance(v, "piecewise value")
+        bounds, vals = list(boundaries), [float(v) for v in values]
+
+        def schedule(progress: float) -> float:
+            return vals[sum(progress >= b for b in bounds)]
+
+        return cls(schedule, unit)
+
+
+class GaussianGate(TolerancePolicy):
+    """A learned tolerance: ``log10(rtol) ~ N(mu, sigma^2)`` with ``(mu, log sigma)`` from a network.
+
+    ``net(context)`` returns ``(batch, 2)``: offsets of the mean of ``log10(rtol)`` from
+    ``initial_log10`` and of ``log(sigma)`` from ``log(initial_std)`` (both in log10 units), so a
+    network whose head outputs zero starts at ``rtol = 10**initial_log10``.
+
+    ``reduction="mean"`` (the paper's choice) averages ``mu`` and ``log sigma`` over the batch and
+    draws one tolerance per solve (``log_prob`` shape ``()``); ``reduction="none"`` draws one per
+    sample (shape ``(batch,)``), for per-element tolerances or the per-sample backend.
+
+    The draw is clipped to ``[log10(low), log10(high)]`` and detached. Its ``log_prob`` is that of
+    the *censored* Gaussian: the density inside the interval and the tail mass ``log Phi`` at a
+    clipped end, so the score stays correct when the gate pushes against a bound. It is
+    differentiable in both ``mu`` and ``sigma``, unlike the original research code, whose
+    log-probability scored only the noise and gave the gate no gradient.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        low: float = 1e-8,
+        high: float = 1e-1,
+        reduction: Literal["mean", "none"] = "mean",
+        initial_log10: float = -5.0,
+        initial_std: float = 0.5,
+        atol_ratio: float = 1.0,
+    ) -> None:
+        super().__init__()
+        validate_tolerance(low, "low")
+        validate_tolerance(high, "high")
+        if not low < high:
+            raise ValueError(f"need low < high, got low={low!r}, high={high!r}")
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        if initial_std <= 0:
+            raise ValueError(f"initial_std must be > 0, got {initial_std!r}")
+        self.net = net
+        self.log10_low, self.log10_high = math.log10(low), math.log10(high)
+        self.reduction = reduction
+        self.initial_log10, self.initial_log_std = float(initial_log10), math.log(initial_std)
+        self.atol_ratio = float(atol_ratio)
+
+    def freeze(self) -> GaussianGate:
+        """Stop learning: the ablation "gate frozen at its random initialisation". Returns self."""
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def distribution(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu, sigma)`` of ``log10(rtol)``, each of shape ``()`` or ``(batch,)`` per the reduction."""
+        raw = self.net(context)
+        if raw.dim() != 2 or raw.shape[1] != 2:
+            raise ValueError(f"gate network must return shape (batch, 2), got {tuple(raw.shape)}")
+        if not bool(torch.isfinite(raw).all()):
+            raise NonFiniteToleranceError("gate network produced a non-finite output (NaN or inf)")
+        mu = self.initial_log10 + raw[:, 0]
+        log_sigma = (self.initial_log_std + raw[:, 1]).clamp(-7.0, 2.0)
+        if self.reduction == "mean":
+            mu, log_sigma = mu.mean(), log_sigma.mean()
+        return mu, log_sigma.exp()
+
+    def forward(self, context: torch.Tensor, progress: Progress) -> ToleranceChoice:
+        mu, sigma = self.distribution(context)
+        draw = (mu + sigma * torch.randn_like(mu)).detach()
+        log10_tol = draw.clamp(self.log10_low, self.log10_high)
+        log_prob = censored_normal_log_prob(log10_tol, mu, sigma, self.log10_low, self.log10_high)
+        return self._choice(log10_tol, log_prob)
+
+    def deterministic(self, context: torch.Tensor, progress: Progress) -> ToleranceChoice:
+        mu, _ = self.distribution(context)
+        return self._choice(mu.detach().clamp(self.log10_low, self.log10_high), None)
+
+    def _choice(self, log10_tol: torch.Tensor, log_prob: torch.Tensor | None) -> ToleranceChoice:
+        rtol: Tolerance
+        if log10_tol.dim() == 0:
+            rtol = 10.0 ** float(log10_tol)
+            atol: Tolerance = self.atol_ratio * rtol
+        else:
+            rtol = torch.pow(10.0, log10_tol.double())
+            atol = self.atol_ratio * rtol
+        return ToleranceChoice(rtol, atol, log10_tolerance=log10_tol, log_prob=log_prob)
+
+    @torch.no_grad()
+    def mean_log10_tolerance(self, contexts: Iterable[torch.Tensor]) -> float:
+        """Mean of the (clipped) ``mu`` over every sample of ``contexts``."""
+        total, count = 0.0, 0
+        for context in contexts:
+            raw = self.net(context)
+            mu = (self.initial_log10 + raw[:, 0]).clamp(self.log10_low, self.log10_high)
+            total += float(mu.double().sum())
+            count += mu.numel()
+        if count == 0:
+            raise ValueError("contexts is empty: cannot estimate the gate's mean tolerance")
+        return total / count
+
+
+def censored_normal_log_prob(
+    value: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, low: float, high: float
+) -> torch.Tensor:
+    """Log-likelihood of ``value = clip(N(mu, sigma^2), low, high)`` (density inside, mass at the ends)."""
+    z = (value - mu) / sigma
+    inside = -0.5 * z**2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)
+    at_low = torch.special.log_ndtr((low - mu) / sigma)
+    at_high = torch.special.log_ndtr((mu - high) / sigma)
+    return torch.where(value <= low, at_low, torch.where(value >= high, at_high, inside))

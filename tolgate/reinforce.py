@@ -1,0 +1,140 @@
+"""Where the REINFORCE loss is formed (InfoCNF paper, Eq. 6-7).
+
+Objective (Eq. 6): ``J = E_g[ L + (alpha / N) * sum_i NFE_i ]`` over ``N`` gated solves, with
+reward ``R_i = -NFE_i``. Its score-function gradient (Eq. 7) uses the cumulative future return
+
+    r_i = -( L - (alpha / N) * sum_{j >= i} R_j )
+
+and the surrogate whose gradient is the REINFORCE term:
+
+    surrogate = - sum_i  log p(g_i | x) * (r_i - b_i)
+
+Three choices, each for a reason:
+
+* ``L`` is detached. The return is a number that weights the score ``grad log p``; if it carried
+  a graph, the surrogate would also scale the flow's own gradient (the original code's bug).
+* The ``alpha / N`` factor makes ``alpha`` a price per evaluation of the *average* solve:
+  ``(alpha / N) * sum_j NFE_j = alpha * mean_j NFE_j``, the same meaning for 2 solves or 16.
+  ``nfe_scale`` further divides NFE by a reference count if you want ``alpha`` unit-free.
+* ``b_i`` is a running mean of ``r_i`` per solve index (:class:`RunningMeanBaseline`): it
+  removes the large common offset ``-L`` and the typical cost of each block, so only whether a
+  draw did better or worse than usual moves the gate. It does not bias the gradient, since it
+  does not depend on the draw.
+
+Rewards use forward NFE by default: they are known when the forward pass ends, so one backward
+of ``task_loss + reinforce_loss(...)`` suffices. ``include_backward=True`` adds the backward
+NFE, which exists only after autograd's backward has run through the solves; then the order is::
+
+    loss = model(x)                        # forward solves fill records (forward NFE)
+    loss.backward()                        # backward NFE filled in
+    reinforce_loss(records, loss, alpha, baseline, include_backward=True).backward()
+    optimizer.step()
+
+Per-sample records (``nfe_per_sample`` and a ``(batch,)`` ``log_prob``) give each sample its own
+return; batch-level records broadcast. The surrogate averages over the batch, so its scale does
+not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .records import SolveRecord
+
+
+class RunningMeanBaseline:
+    """Exponential running mean of the return ``r_i``, one entry per solve index ``i``.
+
+    ``momentum`` close to 1 averages over many steps. The first call initialises to the
+    returns seen, so the first advantage is zero rather than ``-L``.
+    """
+
+    def __init__(self, momentum: float = 0.9) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        self.momentum = momentum
+        self.values: torch.Tensor | None = None
+
+    def update(self, returns: torch.Tensor) -> torch.Tensor:
+        """Return the baseline for ``returns`` (shape ``(N,)`` or ``(N, batch)``), then fold them in."""
+        per_index = returns.detach().reshape(returns.shape[0], -1).mean(dim=1).to(torch.float64)
+        if self.values is None or self.values.shape != per_index.shape:
+            self.values = per_index.clone()
+        baseline = self.values.clone()
+        self.values = self.momentum * self.values + (1.0 - self.momentum) * per_index
+        return baseline.to(returns.dtype).view(-1, *([1] * (returns.dim() - 1)))
+
+    def state_dict(self) -> dict:
+        return {"momentum": self.momentum, "values": self.values}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.momentum = float(state["momentum"])
+        self.values = state["values"]
+
+
+def solve_rewards(
+    records: Sequence[SolveRecord], include_backward: bool = False, nfe_scale: float = 1.0
+) -> list[torch.Tensor]:
+    """``R_i = -NFE_i / nfe_scale`` per record: shape ``()``, or ``(batch,)`` for per-sample records."""
+    if nfe_scale <= 0:
+        raise ValueError(f"nfe_scale must be > 0, got {nfe_scale!r}")
+    rewards = []
+    for record in records:
+        if record.nfe_per_sample is not None:
+            nfe = record.nfe_per_sample.to(torch.float64)
+            if include_backward and "nfe_backward_per_sample" in record.extra:
+                nfe = nfe + record.extra["nfe_backward_per_sample"].to(torch.float64)
+            elif include_backward:
+                nfe = nfe + record.nfe_backward / nfe.numel()
+        else:
+            nfe = torch.tensor(float(record.nfe_total if include_backward else record.nfe_forward), dtype=torch.float64)
+        rewards.append(-nfe / nfe_scale)
+    return rewards
+
+
+def cumulative_returns(task_loss: torch.Tensor, rewards: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
+    """``r_i = -(L - alpha/N * sum_{j>=i} R_j)`` stacked to ``(N,)`` or ``(N, batch)``; ``L`` detached."""
+    n = len(rewards)
+    if n == 0:
+        raise ValueError("no solve records: nothing to form returns from")
+    loss = task_loss.detach().to(torch.float64)
+    shapes = {tuple(r.shape) for r in rewards} | ({tuple(loss.shape)} if loss.dim() else set())
+    batch_shape = max(shapes, key=len)
+    future = torch.zeros(batch_shape, dtype=torch.float64)
+    out = []
+    for reward in reversed(rewards):
+        future = future + reward.cpu()
+        out.append(-(loss.cpu() - alpha / n * future))
+    return torch.stack([o.expand(batch_shape) for o in reversed(out)])
+
+
+def reinforce_loss(
+    records: Sequence[SolveRecord],
+    task_loss: torch.Tensor,
+    alpha: float,
+    baseline: RunningMeanBaseline | None = None,
+    include_backward: bool = False,
+    nfe_scale: float = 1.0,
+) -> torch.Tensor:
+    """The REINFORCE surrogate ``-sum_i mean_batch[log p(g_i) * (r_i - b_i)]`` (Eq. 7), shape ``()``.
+
+    ``records``: the step's solves in network order (the order of Eq. 6's sum). Records without
+    a differentiable ``log_prob`` (fixed, scheduled or frozen policies) still count in the
+    returns but contribute no score term. Its gradient reaches only the gates' parameters.
+    """
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha!r}")
+    returns = cumulative_returns(task_loss, solve_rewards(records, include_backward, nfe_scale), alpha)
+    advantages = returns - baseline.update(returns) if baseline is not None else returns
+    terms = []
+    for record, advantage in zip(records, advantages):
+        log_prob = record.log_prob
+        if log_prob is None or not log_prob.requires_grad:
+            continue
+        advantage = advantage.to(device=log_prob.device, dtype=log_prob.dtype)
+        terms.append(-(log_prob * advantage).mean())
+    if not terms:
+        return torch.zeros((), dtype=task_loss.dtype, device=task_loss.device)
+    return torch.stack(terms).sum()

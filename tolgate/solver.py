@@ -1,0 +1,307 @@
+"""GatedSolver: asks a policy for the tolerance, runs torchdiffeq, and fills a SolveRecord.
+
+Where NFEs are counted: :class:`_CountingField`, which wraps the user's vector field. It counts
+every call (forward solve, and the adjoint solve when autograd's backward runs it), receives
+torchdiffeq's step callbacks (accepted and rejected steps), and for direct backpropagation
+registers a gradient hook on each evaluation's output, so a VJP through that evaluation is
+counted when autograd actually runs it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torchdiffeq
+from torch import nn
+
+from .errors import NonFiniteStateError, SolveError, StepBudgetExceeded, StepSizeUnderflow
+from .policies import FixedTolerance, Progress, ToleranceChoice, TolerancePolicy, validate_tolerance
+from .records import SolveRecord, SolveStatus
+
+State = torch.Tensor | tuple[torch.Tensor, ...]
+VectorField = Callable[[torch.Tensor, State], State]
+
+ADAPTIVE_METHODS = ("dopri5", "bosh3", "fehlberg2", "adaptive_heun", "dopri8")
+# Section 4.2 of the paper: evaluate with a fixed tight tolerance, never the sampled one.
+DEFAULT_EVAL_POLICY = FixedTolerance(1e-5)
+
+
+class _CountingField(nn.Module):
+    """The user's vector field, plus the counters torchdiffeq's callbacks and autograd feed.
+
+    The field itself is called unchanged, so outputs are bitwise those of a raw odeint call.
+    """
+
+    def __init__(self, func: VectorField, record: SolveRecord) -> None:
+        super().__init__()
+        self.func = func  # registered as a submodule when it is one, so adjoint finds its parameters
+        self.record = record
+        self.in_backward = False
+        self.last_t: torch.Tensor | None = None
+        self.last_output: State | None = None
+
+    def forward(self, t: torch.Tensor, y: State) -> State:
+        if self.in_backward:
+            self.record.nfe_backward += 1
+        else:
+            self.record.nfe_forward += 1
+        out = self.func(t, y)
+        self.last_output = out
+        if not self.in_backward and torch.is_grad_enabled():
+            self._count_vjp_when_backpropagated(out)
+        return out
+
+    def _count_vjp_when_backpropagated(self, out: State) -> None:
+        tensors = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+        if not tensors:
+            return
+        fired = [False]  # one count per evaluation, whichever of its outputs receives a gradient first
+
+        def hook(grad: torch.Tensor) -> None:
+            if not fired[0]:
+                fired[0] = True
+                self.record.nfe_backward += 1
+
+        for tensor in tensors:
+            tensor.register_hook(hook)
+
+    def callback_step(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None:
+        self.last_t = t0
+
+    def callback_accept_step(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None:
+        self.record.n_steps_accepted += 1
+
+    def callback_reject_step(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None:
+        self.record.n_steps_rejected += 1
+
+    def callback_step_adjoint(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None:
+        self.record.n_steps_backward += 1
+
+
+class GatedSolver(nn.Module):
+    """``torchdiffeq.odeint`` with the tolerance chosen by a policy and the cost of each solve recorded.
+
+    ``solver(func, y0, t, context=None)`` takes the same ``func``, ``y0`` (tensor or tuple of
+    tensors) and ``t`` as ``torchdiffeq.odeint`` and returns the same output. In training mode the
+    tolerance comes from ``policy``; in eval mode from ``eval_policy`` (default fixed 1e-5, the
+    paper's Section 4.2 protocol), or from ``policy.deterministic`` (a gate's mean) when
+    ``eval_policy`` is ``None``. Under a fixed tolerance the output is bitwise identical to the raw
+    ``odeint`` call with the same arguments.
+
+    Args:
+        policy: a :class:`~tolgate.policies.TolerancePolicy`; it reads ``context`` (detached, so
+            the REINFORCE term cannot reach the network that produced the context).
+        method: an adaptive torchdiffeq method (``dopri5``, ``bosh3``, ``fehlberg2``, ...).
+        adjoint: solve the backward pass with ``odeint_adjoint``.
+        options: torchdiffeq solver options.
+        max_num_steps: step budget per output interval; exceeding it raises
+            :class:`~tolgate.errors.StepBudgetExceeded`.
+        adjoint_tolerance: ``(rtol, atol)`` for the adjoint solve; default the forward solve's.
+        adjoint_options: options of the adjoint solve, e.g. ``{"norm": "seminorm"}``.
+        max_records: how many :class:`SolveRecord` to keep in ``records`` (oldest dropped);
+            ``None`` keeps all.
+    """
+
+    def __init__(
+        self,
+        policy: TolerancePolicy,
+        method: str = "dopri5",
+        adjoint: bool = False,
+        options: dict[str, Any] | None = None,
+        max_num_steps: int | None = None,
+        eval_policy: TolerancePolicy | None = DEFAULT_EVAL_POLICY,
+        adjoint_tolerance: tuple[float, float] | None = None,
+        adjoint_options: dict[str, Any] | None = None,
+        max_records: int | None = 16,
+    ) -> None:
+        super().__init__()
+        if not isinstance(policy, TolerancePolicy):
+            raise TypeError(f"policy must be a TolerancePolicy, got {type(policy).__name__}")
+        if method not in ADAPTIVE_METHODS:
+            raise ValueError(f"method must be one of {ADAPTIVE_METHODS} (an adaptive method), got {method!r}")
+        if max_num_steps is not None and max_num_steps < 1:
+            raise ValueError(f"max_num_steps must be >= 1, got {max_num_steps!r}")
+        if adjoint_tolerance is not None:
+            validate_tolerance(adjoint_tolerance[0], "adjoint rtol")
+            validate_tolerance(adjoint_tolerance[1], "adjoint atol")
+        self.policy = policy
+        self.eval_policy = eval_policy
+        self.method = method
+        self.adjoint = adjoint
+        self.options = dict(options or {})
+        if max_num_steps is not None:
+            self.options["max_num_steps"] = max_num_steps
+        self.adjoint_tolerance = adjoint_tolerance
+        self.adjoint_options = adjoint_options
+        self.records: deque[SolveRecord] = deque(maxlen=max_records)
+        self.progress = Progress()
+
+    def reset(self) -> None:
+        """Forget all records."""
+        self.records.clear()
+
+    def choose_tolerance(self, context: torch.Tensor) -> ToleranceChoice:
+        """The policy's choice for this context, per the train/eval mode."""
+        context = context.detach()
+        if self.training:
+            choice = self.policy(context, self.progress)
+        elif self.eval_policy is None:
+            choice = self.policy.deterministic(context, self.progress)
+        else:
+            choice = self.eval_policy(context, self.progress)
+        validate_tolerance(choice.rtol, "rtol")
+        validate_tolerance(choice.atol, "atol")
+        return choice
+
+    def forward(
+        self,
+        func: VectorField,
+        y0: State,
+        t: torch.Tensor,
+        context: torch.Tensor | None = None,
+        adjoint_params: tuple[torch.Tensor, ...] | None = None,
+    ) -> State:
+        """Solve ``dy/dt = func(t, y)`` from ``y0`` at the times ``t`` (1-D, strictly monotone).
+
+        ``y0``: tensor ``(batch, *state)`` or a tuple of such tensors (per-sample tolerances
+        need the batch dimension first). ``context`` defaults to ``y0`` (its first tensor if a
+        tuple). Returns ``(len(t), *y0.shape)`` (a tuple of such tensors for a tuple ``y0``).
+        """
+        _check_state(y0)
+        _check_times(t)
+        if context is None:
+            context = y0[0] if isinstance(y0, tuple) else y0
+        choice = self.choose_tolerance(context)
+        record = SolveRecord(
+            method=self.method,
+            adjoint=self.adjoint,
+            rtol=choice.rtol,
+            atol=choice.atol,
+            log10_tolerance=choice.log10_tolerance,
+            log_prob=choice.log_prob,
+        )
+        self.records.append(record)
+        field = _CountingField(func, record)
+        rtol, atol = _per_element(choice.rtol, y0), _per_element(choice.atol, y0)
+        try:
+            if self.adjoint:
+                ys = self._odeint_adjoint(field, y0, t, rtol, atol, adjoint_params)
+            else:
+                ys = torchdiffeq.odeint(field, y0, t, rtol=rtol, atol=atol, method=self.method, options=self.options)
+        except AssertionError as exc:
+            raise _translate_failure(exc, field, record, self.options) from exc
+        field.in_backward = True  # any later call comes from the adjoint solve in autograd's backward
+        record.status = SolveStatus.SUCCESS
+        record.t_reached = float(t[-1])
+        return ys
+
+    def _odeint_adjoint(self, field, y0, t, rtol, atol, adjoint_params):
+        if self.adjoint_tolerance is None:
+            adjoint_rtol, adjoint_atol = rtol, atol
+        else:
+            adjoint_rtol, adjoint_atol = self.adjoint_tolerance
+        return torchdiffeq.odeint_adjoint(
+            field,
+            y0,
+            t,
+            rtol=rtol,
+            atol=atol,
+            method=self.method,
+            options=self.options,
+            adjoint_rtol=adjoint_rtol,
+            adjoint_atol=adjoint_atol,
+            adjoint_options=self.adjoint_options,
+            adjoint_params=adjoint_params,
+        )
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, adjoint={self.adjoint}"
+
+
+def gated_solvers(module: nn.Module) -> Iterator[GatedSolver]:
+    """Every GatedSolver inside ``module``, in registration order (one per CNF block, say)."""
+    return (m for m in module.modules() if isinstance(m, GatedSolver))
+
+
+def set_progress(module: nn.Module, step: int, epoch: float) -> None:
+    """Tell every GatedSolver in ``module`` the training progress (for scheduled policies)."""
+    progress = Progress(step=step, epoch=epoch)
+    for solver in gated_solvers(module):
+        solver.progress = progress
+
+
+def _check_state(y0: State) -> None:
+    tensors = y0 if isinstance(y0, tuple) else (y0,)
+    for k, tensor in enumerate(tensors):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"y0 must be a tensor or a tuple of tensors; element {k} is {type(tensor).__name__}")
+        if not torch.is_floating_point(tensor):
+            raise TypeError(f"y0 must be floating point; element {k} has dtype {tensor.dtype}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteStateError(f"y0 (element {k}) contains NaN or inf at t0; nothing was solved")
+
+
+def _check_times(t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() < 2:
+        raise ValueError(f"t must be a 1-D tensor of at least two times, got {t!r}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"t must be finite, got {t.tolist()}")
+    steps = t[1:] - t[:-1]
+    if not (bool((steps > 0).all()) or bool((steps < 0).all())):
+        raise ValueError(f"t must be strictly increasing or strictly decreasing, got {t.tolist()}")
+
+
+def _per_element(tol: float | torch.Tensor, y0: State) -> float | torch.Tensor | tuple[torch.Tensor, ...]:
+    """Per-sample tolerances ``(batch,)`` broadcast to torchdiffeq's per-element tolerance tensors."""
+    if not isinstance(tol, torch.Tensor):
+        return tol
+    tensors = y0 if isinstance(y0, tuple) else (y0,)
+    expanded = []
+    for tensor in tensors:
+        if tensor.dim() == 0 or tensor.shape[0] != tol.shape[0]:
+            raise ValueError(
+                f"per-sample tolerance of shape {tuple(tol.shape)} needs every state tensor to have "
+                f"the batch dimension first; got a state of shape {tuple(tensor.shape)}"
+            )
+        per_sample = tol.to(device=tensor.device).view(-1, *([1] * (tensor.dim() - 1)))
+        expanded.append(per_sample.expand(tensor.shape))
+    if isinstance(y0, tuple):
+        return tuple(e.reshape(-1) for e in expanded)
+    return expanded[0]
+
+
+def _translate_failure(
+    exc: AssertionError, field: _CountingField, record: SolveRecord, options: dict[str, Any]
+) -> SolveError:
+    message = str(exc)
+    t_reached = math.nan if field.last_t is None else float(field.last_t)
+    record.t_reached = t_reached
+    where = f"(solve with rtol={_short(record.rtol)}, {record.method}) at t={t_reached:.6g}"
+    if _last_output_non_finite(field.last_output) or "non-finite" in message:
+        record.status = SolveStatus.NON_FINITE
+        return NonFiniteStateError(f"the vector field produced NaN or inf {where}", record)
+    if "max_num_steps" in message:
+        record.status = SolveStatus.STEP_BUDGET_EXCEEDED
+        budget = options.get("max_num_steps")
+        return StepBudgetExceeded(f"step budget max_num_steps={budget} exceeded {where}", record)
+    if "underflow" in message:
+        record.status = SolveStatus.STEP_SIZE_UNDERFLOW
+        return StepSizeUnderflow(f"step size underflow {where}: {message}", record)
+    return SolveError(f"torchdiffeq failed {where}: {message}", record)
+
+
+def _last_output_non_finite(output: State | None) -> bool:
+    if output is None:
+        return False
+    tensors = output if isinstance(output, tuple) else (output,)
+    return any(not bool(torch.isfinite(o).all()) for o in tensors)
+
+
+def _short(tol: float | torch.Tensor) -> str:
+    if isinstance(tol, torch.Tensor):
+        return f"per-sample in [{float(tol.min()):.3g}, {float(tol.max()):.3g}]"
+    return f"{tol:.3g}"
