@@ -1,0 +1,1 @@
+"""tolgate_flows: conditional continuous normalizing flows (CNF, CCNF, InfoCNF) built on tolgate."""
