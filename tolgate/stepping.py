@@ -1,0 +1,371 @@
+"""The per-sample step loop: every row of the batch has its own time, step size and fate.
+
+One loop serves every :class:`~tolgate.tableaux.ButcherTableau`. The rows still integrating form
+the *active set*; the vector field only ever sees those rows, together with their original sample
+indices ``idx``, and a row leaves the active set as soon as it reaches ``t[-1]`` or fails.
+
+Step-size control, per row (the same rules as scipy's ``RK45``/``RK23``, so a sample solved here
+takes the steps scipy would take):
+
+* error norm: ``sqrt(mean over the row's state of (err / (atol + rtol * max(|y0|, |y1|)))^2)``,
+  where ``err = h * sum_i b_error_i k_i``. The mean runs over this row only: an easy row cannot
+  dilute a hard row's error, which is what couples samples in a batch-level solver.
+* accept when the norm is below 1; the next step is
+  ``h * clip(0.9 * norm^(-1/(q+1)), 0.2, 10)`` with ``q`` the embedded order, and after a
+  rejection the accepted step may not grow (factor capped at 1).
+* the step is clipped so that a row lands exactly on ``t[-1]``.
+* initial step: Hairer, Norsett & Wanner, Sec. II.4 (two evaluations), per row.
+* a row fails with step-size underflow when its next step is below 10 ulps of its time, and
+  with a step budget when it has attempted ``max_num_steps`` steps. A step whose error is NaN or
+  inf is rejected and shrinks the step by 0.2, which rescues an overflow caused by too large a
+  step; if the row underflows while its last attempt was still not finite, its status is
+  ``NON_FINITE``.
+
+Step-size decisions are taken without gradient (``torch.no_grad``): the derivative of a solution
+with respect to the step sizes is an artefact of the discretisation, not of the ODE. Everything
+that builds a solution value is out-of-place (``torch.where``, ``index_select``, ``index_put``),
+so the whole solve can be backpropagated through.
+
+Per step there is one host synchronisation: a two-number ``tolist()`` that says whether any row
+crossed an output time or left the active set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .errors import NonFiniteStateError, SolveError, StepBudgetExceeded, StepSizeUnderflow
+from .sample_stats import PerSampleStats, SampleStatus
+from .tableaux import ButcherTableau
+
+#: ``field(t: (active,), y: (active, *state), idx: (active,) int64) -> (active, *state)``
+Field = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: squared scaled errors ``(active, *state)`` -> mean square per row ``(active,)``
+MeanSquare = Callable[[torch.Tensor], torch.Tensor]
+
+SAFETY = 0.9
+MIN_FACTOR = 0.2
+MAX_FACTOR = 10.0
+INITIAL_STEP_EVALUATIONS = 2
+
+
+def mean_square(scaled_sq: torch.Tensor) -> torch.Tensor:
+    """The default norm: mean over each row's state, ``(active, *state) -> (active,)``."""
+    return scaled_sq.reshape(scaled_sq.shape[0], -1).mean(1)
+
+
+@dataclass
+class _Rows:
+    """Per-row solver state of the active set; every tensor's first dimension is ``active``."""
+
+    idx: torch.Tensor  # original sample index (int64)
+    y: torch.Tensor  # state at time t
+    k0: torch.Tensor  # f(t, y), reused as the first stage (FSAL)
+    t: torch.Tensor  # current time, in the integration direction
+    h: torch.Tensor  # next step size to try (> 0)
+    rtol: torch.Tensor  # (active, 1, ..., 1)
+    atol: torch.Tensor  # (active, 1, ..., 1)
+    attempts: torch.Tensor  # steps tried (int64)
+    accepted: torch.Tensor  # steps accepted (int64)
+    outputs_done: torch.Tensor  # output times already written (int64)
+    after_reject: torch.Tensor  # the last attempt was rejected (bool)
+    last_non_finite: torch.Tensor  # the last attempt's error was NaN/inf (bool)
+
+    def select(self, keep: torch.Tensor) -> _Rows:
+        return _Rows(*(getattr(self, name).index_select(0, keep) for name in self.__dataclass_fields__))
+
+
+class _Results:
+    """Full-batch outputs and statistics, filled in as rows leave the active set."""
+
+    def __init__(self, y0: torch.Tensor, n_times: int, time_dtype: torch.dtype) -> None:
+        batch, device = y0.shape[0], y0.device
+        self.attempts = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.accepted = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.started = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.status = torch.full((batch,), int(SampleStatus.SUCCESS), dtype=torch.int64, device=device)
+        self.t_reached = torch.zeros(batch, dtype=time_dtype, device=device)
+        # Dense output pieces (time index, sample index, value), assembled once at the end.
+        self.time_index: list[torch.Tensor] = [torch.zeros(batch, dtype=torch.int64, device=device)]
+        self.sample_index: list[torch.Tensor] = [torch.arange(batch, device=device)]
+        self.values: list[torch.Tensor] = [y0]
+        self.shape = (n_times, *y0.shape)
+
+    def finish(self, rows: _Rows, which: torch.Tensor, codes: torch.Tensor, t_reached: torch.Tensor) -> None:
+        sample = rows.idx[which]
+        self.attempts[sample] = rows.attempts[which]
+        self.accepted[sample] = rows.accepted[which]
+        self.status[sample] = codes
+        self.t_reached[sample] = t_reached
+
+    def solution(self) -> torch.Tensor:
+        """``(len(t), batch, *state)``; times a failed sample never reached are NaN."""
+        values = torch.cat(self.values)
+        blank = torch.full(self.shape, float("nan"), dtype=values.dtype, device=values.device)
+        return blank.index_put((torch.cat(self.time_index), torch.cat(self.sample_index)), values)
+
+    def stats(self, tableau: ButcherTableau, direction: float) -> PerSampleStats:
+        nfe = self.started * INITIAL_STEP_EVALUATIONS + (tableau.stages - 1) * self.attempts
+        return PerSampleStats(
+            method=tableau.name,
+            nfe=nfe,
+            n_accepted=self.accepted,
+            n_rejected=self.attempts - self.accepted,
+            status=self.status,
+            t_reached=self.t_reached * direction,
+        )
+
+
+def _combine(weights: tuple[float, ...], ks: list[torch.Tensor]) -> torch.Tensor:
+    """``sum_i weights_i * ks_i``, skipping zero weights (one kernel per term)."""
+    terms = [(w, k) for w, k in zip(weights, ks, strict=False) if w != 0.0]
+    total = terms[0][1] * terms[0][0]
+    for w, k in terms[1:]:
+        total = total.add(k, alpha=w)
+    return total
+
+
+def _initial_step(
+    field: Field,
+    rows: _Rows,
+    interval: float,
+    embedded_order: int,
+    norm: MeanSquare,
+    broadcast: tuple[int, ...],
+) -> torch.Tensor:
+    """Hairer, Norsett & Wanner (Solving ODEs I, Sec. II.4), row by row; as scipy's
+    ``select_initial_step``. Costs one evaluation (``f0`` is ``rows.k0``)."""
+    with torch.no_grad():
+        y, f0 = rows.y, rows.k0
+        scale = torch.addcmul(rows.atol, rows.rtol, y.abs())
+        d0 = norm((y / scale).square()).sqrt()
+        d1 = norm((f0 / scale).square()).sqrt()
+        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1).clamp(max=interval)
+        y1 = torch.addcmul(y, h0.view(broadcast), f0)
+        f1 = field(rows.t + h0.to(rows.t.dtype), y1, rows.idx)
+        d2 = norm(((f1 - f0) / scale).square()).sqrt() / h0
+        flat = (d1 <= 1e-15) & (d2 <= 1e-15)
+        h1 = torch.where(
+            flat,
+            torch.clamp(h0 * 1e-3, min=1e-6),
+            (0.01 / torch.maximum(d1, d2)) ** (1.0 / (embedded_order + 1)),
+        )
+        return torch.minimum(100 * h0, h1).clamp(max=interval).to(rows.t.dtype)
+
+
+def _dense_output(
+    tableau_dense: torch.Tensor,
+    times: torch.Tensor,
+    rows: _Rows,
+    h: torch.Tensor,
+    n_new: torch.Tensor,
+    ks: list[torch.Tensor],
+    y1: torch.Tensor,
+    broadcast: tuple[int, ...],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Interpolate the just-taken step at the output times it crossed.
+
+    ``n_new[r]`` output times were crossed by row ``r``, starting at ``rows.outputs_done[r]``.
+    Returns (time index, sample index, value ``(pairs, *state)``).
+    """
+    which = torch.repeat_interleave(n_new)  # one entry per (row, output time) pair
+    first = (torch.cumsum(n_new, 0) - n_new)[which]
+    time_index = rows.outputs_done[which] + torch.arange(which.shape[0], device=which.device) - first
+    step = h[which]
+    theta = (times[time_index] - rows.t[which]) / step
+    powers = theta.unsqueeze(1) ** torch.arange(1, tableau_dense.shape[1] + 1, device=theta.device)
+    weights = (powers @ tableau_dense.T).to(y1.dtype)  # (pairs, stages)
+    stage_values = torch.stack([k[which] for k in ks], 1)  # (pairs, stages, *state)
+    increment = (weights.view(*weights.shape, *broadcast[1:]) * stage_values).sum(1)
+    value = torch.addcmul(rows.y[which], step.to(y1.dtype).view(broadcast), increment)
+    # At theta = 1 use the step's own y1, so the value at t[-1] is the integrator's state exactly.
+    value = torch.where((theta == 1).view(broadcast), y1[which], value)
+    return time_index, rows.idx[which], value
+
+
+def _failure(
+    code: int, sample: int, t_reached: float, t: torch.Tensor, max_num_steps: int | None
+) -> SolveError:
+    where = f"sample {sample} at t={t_reached:.6g} (solving from t={float(t[0]):.6g} to {float(t[-1]):.6g})"
+    if code == SampleStatus.STEP_BUDGET_EXCEEDED:
+        return StepBudgetExceeded(f"step budget max_num_steps={max_num_steps} exceeded by {where}")
+    if code == SampleStatus.STEP_SIZE_UNDERFLOW:
+        return StepSizeUnderflow(f"step size fell below 10 ulps of t for {where}")
+    return NonFiniteStateError(f"NaN or inf state (initial, or from the vector field) for {where}")
+
+
+def integrate(
+    field: Field,
+    y0: torch.Tensor,
+    t: torch.Tensor,
+    rtol: torch.Tensor,
+    atol: torch.Tensor,
+    tableau: ButcherTableau,
+    max_num_steps: int | None,
+    raise_on_failure: bool,
+    norm: MeanSquare = mean_square,
+) -> tuple[torch.Tensor, PerSampleStats]:
+    """Solve every row of ``y0`` over the output times ``t`` with its own steps.
+
+    Args:
+        field: the vector field, see :data:`Field`.
+        y0: ``(batch, *state)``.
+        t: ``(n_times >= 2,)`` strictly monotone output times (validated by the caller); its dtype,
+            promoted with ``y0``'s, is the dtype of the solver's time.
+        rtol, atol: ``(batch,)`` positive finite tolerances, ``y0``'s dtype.
+        tableau: the method.
+        max_num_steps: attempted steps allowed per sample, or ``None`` for no budget.
+        raise_on_failure: raise the failing sample's typed exception at once (the lowest index
+            among those failing on the same step) instead of recording its status.
+        norm: mean of squared scaled errors per row (the default averages over the row's state).
+
+    Returns:
+        ``ys`` ``(n_times, batch, *state)`` (NaN where a failed sample never got) and the stats.
+    """
+    time_dtype = torch.promote_types(y0.dtype, t.dtype)
+    direction = 1.0 if bool(t[-1] > t[0]) else -1.0
+    times = t.to(time_dtype) * direction  # increasing in the integration direction
+    t_start, t_end = float(times[0]), float(times[-1])
+    results = _Results(y0, times.shape[0], time_dtype)
+
+    if direction < 0:
+        user_field = field
+
+        def field(tau: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            return -user_field(-tau, y, idx)
+
+    broadcast = (-1,) + (1,) * (y0.dim() - 1)
+    batch, device = y0.shape[0], y0.device
+    finite = torch.isfinite(y0.reshape(batch, -1)).all(1)
+    start = torch.nonzero(finite).squeeze(1)
+    if start.shape[0] < batch:
+        first_bad = int(torch.nonzero(~finite)[0])
+        if raise_on_failure:
+            raise _failure(SampleStatus.NON_FINITE, first_bad, direction * t_start, t, max_num_steps)
+        results.status[~finite] = int(SampleStatus.NON_FINITE)
+        results.t_reached[~finite] = t_start
+        if start.shape[0] == 0:
+            return results.solution(), results.stats(tableau, direction)
+    results.started[start] = True
+
+    y = y0.index_select(0, start)
+    active = start.shape[0]
+    zeros = torch.zeros(active, dtype=torch.int64, device=device)
+    no = torch.zeros(active, dtype=torch.bool, device=device)
+    t_now = torch.full((active,), t_start, dtype=time_dtype, device=device)
+    k0 = field(t_now, y, start)
+    if k0.shape != y.shape:
+        raise ValueError(
+            f"the vector field returned shape {tuple(k0.shape)} for a state of shape {tuple(y.shape)}"
+        )
+    rows = _Rows(
+        idx=start,
+        y=y,
+        k0=k0,
+        t=t_now,
+        h=t_now,  # placeholder, replaced just below
+        rtol=rtol.index_select(0, start).view(broadcast),
+        atol=atol.index_select(0, start).view(broadcast),
+        attempts=zeros,
+        accepted=zeros,
+        outputs_done=torch.ones_like(zeros),
+        after_reject=no,
+        last_non_finite=no,
+    )
+    rows.h = _initial_step(field, rows, t_end - t_start, tableau.embedded_order, norm, broadcast)
+
+    dense = torch.tensor(tableau.dense, dtype=time_dtype, device=device)
+    stage_weights = [(tableau.a[i], tableau.c[i]) for i in range(1, tableau.stages)]
+    exponent = -0.5 / (tableau.embedded_order + 1)  # on the mean square: norm^(-1/(q+1))
+    max_growth = torch.tensor(MAX_FACTOR, dtype=time_dtype, device=device)
+    no_growth = torch.ones((), dtype=time_dtype, device=device)
+    min_factor = torch.tensor(MIN_FACTOR, dtype=time_dtype, device=device)
+    infinity = torch.tensor(float("inf"), dtype=time_dtype, device=device)
+
+    while True:
+        t1 = torch.clamp(rows.t + rows.h, max=t_end)
+        h = t1 - rows.t  # the step actually taken: lands exactly on t_end
+        h_state = h.to(y0.dtype).view(broadcast)
+        ks = [rows.k0]
+        y_stage = rows.y
+        for a_row, c in stage_weights:
+            y_stage = torch.addcmul(rows.y, h_state, _combine(a_row, ks))
+            t_stage = t1 if c == 1.0 else torch.add(rows.t, h, alpha=c)
+            ks.append(field(t_stage, y_stage, rows.idx))
+        y1 = y_stage  # FSAL: the last stage is evaluated at (t + h, y1)
+
+        with torch.no_grad():
+            error = _combine(tableau.b_error, ks) * h_state
+            scale = torch.addcmul(rows.atol, rows.rtol, torch.maximum(rows.y.abs(), y1.abs()))
+            error_sq = norm((error / scale).square()).to(time_dtype)
+            finite = torch.isfinite(error_sq)
+            error_sq = torch.nan_to_num(error_sq, nan=float("inf"))
+            accept = error_sq < 1.0
+            max_factor = torch.where(rows.after_reject, no_growth, max_growth)
+            factor = torch.clamp(SAFETY * error_sq**exponent, min=min_factor, max=max_factor)
+            h_next = h * factor
+            t_next = torch.where(accept, t1, rows.t)
+            attempts = rows.attempts + 1
+            accepted = rows.accepted + accept
+            done = accept & (t1 == t_end)
+            # NaN steps land here too: the comparison is False for NaN.
+            underflow = ~(h_next >= 10 * (torch.nextafter(t_next, infinity) - t_next)) & ~done
+            failed = underflow if max_num_steps is None else underflow | ((attempts >= max_num_steps) & ~done)
+            outputs_now = torch.searchsorted(times, t_next, right=True)
+            n_new = outputs_now - rows.outputs_done
+            finished = done | failed
+            n_outputs, n_finished = torch.stack((n_new.sum(), finished.sum())).tolist()
+
+        if n_outputs:
+            pieces = _dense_output(dense, times, rows, h, n_new, ks, y1, broadcast)
+            results.time_index.append(pieces[0])
+            results.sample_index.append(pieces[1])
+            results.values.append(pieces[2])
+
+        accept_state = accept.view(broadcast)
+        rows = _Rows(
+            idx=rows.idx,
+            y=torch.where(accept_state, y1, rows.y),
+            k0=torch.where(accept_state, ks[-1], rows.k0),
+            t=t_next,
+            h=h_next,
+            rtol=rows.rtol,
+            atol=rows.atol,
+            attempts=attempts,
+            accepted=accepted,
+            outputs_done=outputs_now,
+            after_reject=~accept,
+            last_non_finite=~finite,
+        )
+        if n_finished:
+            codes = torch.where(
+                done,
+                int(SampleStatus.SUCCESS),
+                torch.where(
+                    underflow,
+                    torch.where(
+                        rows.last_non_finite,
+                        int(SampleStatus.NON_FINITE),
+                        int(SampleStatus.STEP_SIZE_UNDERFLOW),
+                    ),
+                    int(SampleStatus.STEP_BUDGET_EXCEEDED),
+                ),
+            )
+            leaving = torch.nonzero(finished).squeeze(1)
+            leaving_codes = codes[leaving]
+            if raise_on_failure and bool((leaving_codes != SampleStatus.SUCCESS).any()):
+                bad = leaving[leaving_codes != SampleStatus.SUCCESS]
+                first = int(torch.argmin(rows.idx[bad]))
+                row = int(bad[first])
+                raise _failure(
+                    int(codes[row]), int(rows.idx[row]), direction * float(rows.t[row]), t, max_num_steps
+                )
+            results.finish(rows, leaving, leaving_codes, rows.t[leaving])
+            if n_finished == rows.idx.shape[0]:
+                break
+            rows = rows.select(torch.nonzero(~finished).squeeze(1))
+
+    return results.solution(), results.stats(tableau, direction)
