@@ -454,10 +454,13 @@ def test_mixture_density_integrates_to_one_and_matches_its_formula() -> None:
 
 
 def test_mixture_samples_follow_the_mixture_and_the_seed() -> None:
-    samples = THREE_GAUSSIANS.sample(20000, seed=0)
+    samples = THREE_GAUSSIANS.sample(20000, 0)
     assert samples.shape == (20000, 1) and samples.dtype == torch.float32
-    assert torch.equal(samples, THREE_GAUSSIANS.sample(20000, seed=0))
-    assert not torch.equal(samples, THREE_GAUSSIANS.sample(20000, seed=1))
+    assert torch.equal(samples, THREE_GAUSSIANS.sample(20000, 0))
+    assert not torch.equal(samples, THREE_GAUSSIANS.sample(20000, 1))
+    stream = torch.Generator().manual_seed(0)
+    assert torch.equal(THREE_GAUSSIANS.sample(20000, stream), samples)
+    assert not torch.equal(THREE_GAUSSIANS.sample(20000, stream), samples)  # the generator advanced
     mean = 0.3 * -2.0 + 0.4 * 0.0 + 0.3 * 2.5
     assert abs(float(samples.mean()) - mean) < 0.05
     # Mass left of -1 is essentially the first component's 0.3.

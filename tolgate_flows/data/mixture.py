@@ -46,11 +46,16 @@ class GaussianMixture1D:
         """Exact density at x, same shape as x."""
         return self.log_prob(x).exp()
 
-    def sample(self, n: int, seed: int) -> Tensor:
-        """(n, 1) float32 samples, a pure function of `seed`; shaped as a batch of 1-D vectors for a CNF."""
+    def sample(self, n: int, generator: torch.Generator | int) -> Tensor:
+        """(n, 1) float32 samples, shaped as a batch of 1-D vectors for a CNF.
+
+        generator: a CPU torch.Generator (advanced by the draw, for a stream of fresh batches) or an
+        int seed (then the result is a pure function of it).
+        """
         if n < 1:
             raise ValueError(f"n must be positive, got {n}")
-        generator = torch.Generator().manual_seed(seed)
+        if isinstance(generator, int):
+            generator = torch.Generator().manual_seed(generator)
         component = torch.multinomial(torch.tensor(self.weights), n, replacement=True, generator=generator)
         noise = torch.randn(n, generator=generator)
         x = torch.tensor(self.means)[component] + torch.tensor(self.stds)[component] * noise
