@@ -304,14 +304,18 @@ def test_digits_split_is_fixed_and_a_partition(digits) -> None:
 def test_dequantized_batches_are_in_range_and_recover_pixels(digits) -> None:
     batches = make_batches(digits, "train", 100, seed=0)
     assert len(batches) == 1294 // 100
-    seen = []
+    seen, offsets = [], []
     for batch in batches.epoch(0):
         assert batch.x.dtype == torch.float32 and batch.x.shape == (100, 1, 8, 8)
         assert float(batch.x.min()) >= 0.0 and float(batch.x.max()) <= 1.0
         pixels = digits.train.images[batch.index].to(torch.float32)
-        assert torch.equal(torch.floor(batch.x * 17), pixels)  # no flips for digits
+        offsets.append((batch.x * 17 - pixels).flatten())  # the noise u; no flips for digits
         assert torch.equal(batch.y, digits.train.labels[batch.index])
         seen.append(batch.index)
+    noise = torch.cat(offsets)
+    # u ~ U[0, 1): inside the pixel's bin (up to float32 rounding at the edges), mean 1/2, std 1/sqrt(12).
+    assert float(noise.min()) > -1e-5 and float(noise.max()) < 1 + 1e-5
+    assert abs(float(noise.mean()) - 0.5) < 0.01 and abs(float(noise.std()) - 12**-0.5) < 0.01
     indices = torch.cat(seen)
     assert len(set(indices.tolist())) == len(indices) == 1200
 
