@@ -26,8 +26,9 @@ with respect to the step sizes is an artefact of the discretisation, not of the 
 that builds a solution value is out-of-place (``torch.where``, ``index_select``, ``index_put``),
 so the whole solve can be backpropagated through.
 
-Per step there is one host synchronisation: a two-number ``tolist()`` that says whether any row
-crossed an output time or left the active set.
+Per step there is one host synchronisation: a two-flag ``tolist()`` that says whether any row
+crossed an output time or left the active set. The dense output of the steps that crossed output
+times is evaluated once, after the loop.
 """
 
 from __future__ import annotations
@@ -70,42 +71,70 @@ class _Rows:
     atol: torch.Tensor  # (active, 1, ..., 1)
     attempts: torch.Tensor  # steps tried (int64)
     accepted: torch.Tensor  # steps accepted (int64)
-    outputs_done: torch.Tensor  # output times already written (int64)
-    after_reject: torch.Tensor  # the last attempt was rejected (bool)
-    last_non_finite: torch.Tensor  # the last attempt's error was NaN/inf (bool)
+    outputs_done: torch.Tensor  # output times already passed (int64); always < n_times while active
+    next_output: torch.Tensor  # times[outputs_done]
+    last_accepted: torch.Tensor  # the last attempt was accepted; after a rejection h may not grow (bool)
 
     def select(self, keep: torch.Tensor) -> _Rows:
         return _Rows(*(getattr(self, name).index_select(0, keep) for name in self.__dataclass_fields__))
 
 
-class _Results:
-    """Full-batch outputs and statistics, filled in as rows leave the active set."""
+@dataclass
+class _Crossing:
+    """A step that passed output times: what its dense output needs, for each (row, time) pair."""
 
-    def __init__(self, y0: torch.Tensor, n_times: int, time_dtype: torch.dtype) -> None:
+    time_index: torch.Tensor  # (pairs,) index into the output times
+    sample: torch.Tensor  # (pairs,) original sample index
+    t0: torch.Tensor  # (pairs,) start of the step
+    h: torch.Tensor  # (pairs,) step size
+    values: torch.Tensor  # (pairs, 2 + stages, *state): y0, y1, k_0 .. k_last
+
+
+class _Results:
+    """Full-batch outputs and statistics, filled in as rows cross output times or leave."""
+
+    def __init__(self, y0: torch.Tensor, time_dtype: torch.dtype) -> None:
         batch, device = y0.shape[0], y0.device
+        self.y0 = y0
         self.attempts = torch.zeros(batch, dtype=torch.int64, device=device)
         self.accepted = torch.zeros(batch, dtype=torch.int64, device=device)
         self.started = torch.zeros(batch, dtype=torch.bool, device=device)
         self.status = torch.full((batch,), int(SampleStatus.SUCCESS), dtype=torch.int64, device=device)
         self.t_reached = torch.zeros(batch, dtype=time_dtype, device=device)
-        # Dense output pieces (time index, sample index, value), assembled once at the end.
-        self.time_index: list[torch.Tensor] = [torch.zeros(batch, dtype=torch.int64, device=device)]
-        self.sample_index: list[torch.Tensor] = [torch.arange(batch, device=device)]
-        self.values: list[torch.Tensor] = [y0]
-        self.shape = (n_times, *y0.shape)
+        self.crossings: list[_Crossing] = []
 
-    def finish(self, rows: _Rows, which: torch.Tensor, codes: torch.Tensor, t_reached: torch.Tensor) -> None:
+    def finish(self, rows: _Rows, which: torch.Tensor, codes: torch.Tensor) -> None:
         sample = rows.idx[which]
         self.attempts[sample] = rows.attempts[which]
         self.accepted[sample] = rows.accepted[which]
         self.status[sample] = codes
-        self.t_reached[sample] = t_reached
+        self.t_reached[sample] = rows.t[which]
 
-    def solution(self) -> torch.Tensor:
-        """``(len(t), batch, *state)``; times a failed sample never reached are NaN."""
-        values = torch.cat(self.values)
-        blank = torch.full(self.shape, float("nan"), dtype=values.dtype, device=values.device)
-        return blank.index_put((torch.cat(self.time_index), torch.cat(self.sample_index)), values)
+    def solution(self, times: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """``(n_times, batch, *state)``; times a failed sample never reached are NaN.
+
+        Interpolates every recorded crossing at once:
+        ``y(t0 + theta h) = y0 + h * sum_i k_i * sum_p dense[i, p] theta^(p+1)``.
+        """
+        y0 = self.y0
+        batch = y0.shape[0]
+        blank = torch.full((times.shape[0], *y0.shape), float("nan"), dtype=y0.dtype, device=y0.device)
+        at_start = torch.zeros(batch, dtype=torch.int64, device=y0.device)
+        ys = blank.index_put((at_start, torch.arange(batch, device=y0.device)), y0)
+        if not self.crossings:
+            return ys
+        time_index, sample, t0, h, values = (
+            torch.cat([getattr(c, name) for c in self.crossings]) for name in _Crossing.__dataclass_fields__
+        )
+        theta = (times[time_index] - t0) / h
+        exponents = torch.arange(1, dense.shape[1] + 1, dtype=theta.dtype, device=theta.device)
+        weights = ((theta.unsqueeze(1) ** exponents) @ dense.T).to(y0.dtype)  # (pairs, stages)
+        broadcast = (-1,) + (1,) * (y0.dim() - 1)
+        increment = (weights.view(*weights.shape, *broadcast[1:]) * values[:, 2:]).sum(1)
+        interpolated = torch.addcmul(values[:, 0], h.to(y0.dtype).view(broadcast), increment)
+        # At theta = 1 use the step's own y1, so the value at t[-1] is the integrator's state exactly.
+        interpolated = torch.where((theta == 1).view(broadcast), values[:, 1], interpolated)
+        return ys.index_put((time_index, sample), interpolated)
 
     def stats(self, tableau: ButcherTableau, direction: float) -> PerSampleStats:
         nfe = self.started * INITIAL_STEP_EVALUATIONS + (tableau.stages - 1) * self.attempts
@@ -156,34 +185,30 @@ def _initial_step(
         return torch.minimum(100 * h0, h1).clamp(max=interval).to(rows.t.dtype)
 
 
-def _dense_output(
-    tableau_dense: torch.Tensor,
-    times: torch.Tensor,
-    rows: _Rows,
-    h: torch.Tensor,
-    n_new: torch.Tensor,
-    ks: list[torch.Tensor],
-    y1: torch.Tensor,
-    broadcast: tuple[int, ...],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Interpolate the just-taken step at the output times it crossed.
+def _crossing(
+    rows: _Rows, t_next: torch.Tensor, h: torch.Tensor, times: torch.Tensor, y1: torch.Tensor, ks: list
+) -> tuple[_Crossing, torch.Tensor]:
+    """The (row, output time) pairs the step just taken passed; and each row's new outputs_done."""
+    outputs_now = torch.searchsorted(times, t_next, right=True)
+    time_indices = torch.arange(times.shape[0], device=times.device)
+    passed = (time_indices >= rows.outputs_done.unsqueeze(1)) & (time_indices < outputs_now.unsqueeze(1))
+    which, time_index = torch.nonzero(passed).unbind(1)
+    values = torch.stack([rows.y, y1, *ks], 1).index_select(0, which)
+    crossing = _Crossing(time_index, rows.idx[which], rows.t[which], h[which], values)
+    return crossing, outputs_now
 
-    ``n_new[r]`` output times were crossed by row ``r``, starting at ``rows.outputs_done[r]``.
-    Returns (time index, sample index, value ``(pairs, *state)``).
-    """
-    which = torch.repeat_interleave(n_new)  # one entry per (row, output time) pair
-    first = (torch.cumsum(n_new, 0) - n_new)[which]
-    time_index = rows.outputs_done[which] + torch.arange(which.shape[0], device=which.device) - first
-    step = h[which]
-    theta = (times[time_index] - rows.t[which]) / step
-    powers = theta.unsqueeze(1) ** torch.arange(1, tableau_dense.shape[1] + 1, device=theta.device)
-    weights = (powers @ tableau_dense.T).to(y1.dtype)  # (pairs, stages)
-    stage_values = torch.stack([k[which] for k in ks], 1)  # (pairs, stages, *state)
-    increment = (weights.view(*weights.shape, *broadcast[1:]) * stage_values).sum(1)
-    value = torch.addcmul(rows.y[which], step.to(y1.dtype).view(broadcast), increment)
-    # At theta = 1 use the step's own y1, so the value at t[-1] is the integrator's state exactly.
-    value = torch.where((theta == 1).view(broadcast), y1[which], value)
-    return time_index, rows.idx[which], value
+
+def _status_codes(done: torch.Tensor, underflow: torch.Tensor, error_sq: torch.Tensor) -> torch.Tensor:
+    """Why each row stopped: it reached the end; its step underflowed while its last attempt was
+    finite, or not finite; otherwise (neither) its step budget ran out."""
+    failure = torch.where(
+        underflow,
+        torch.where(
+            torch.isinf(error_sq), int(SampleStatus.NON_FINITE), int(SampleStatus.STEP_SIZE_UNDERFLOW)
+        ),
+        int(SampleStatus.STEP_BUDGET_EXCEEDED),
+    )
+    return torch.where(done, int(SampleStatus.SUCCESS), failure)
 
 
 def _failure(
@@ -213,8 +238,8 @@ def integrate(
     Args:
         field: the vector field, see :data:`Field`.
         y0: ``(batch, *state)``.
-        t: ``(n_times >= 2,)`` strictly monotone output times (validated by the caller); its dtype,
-            promoted with ``y0``'s, is the dtype of the solver's time.
+        t: ``(n_times >= 2,)`` strictly monotone output times (validated by the caller); its
+            dtype, promoted with ``y0``'s, is the dtype of the solver's time.
         rtol, atol: ``(batch,)`` positive finite tolerances, ``y0``'s dtype.
         tableau: the method.
         max_num_steps: attempted steps allowed per sample, or ``None`` for no budget.
@@ -229,7 +254,8 @@ def integrate(
     direction = 1.0 if bool(t[-1] > t[0]) else -1.0
     times = t.to(time_dtype) * direction  # increasing in the integration direction
     t_start, t_end = float(times[0]), float(times[-1])
-    results = _Results(y0, times.shape[0], time_dtype)
+    dense = torch.tensor(tableau.dense, dtype=time_dtype, device=y0.device)
+    results = _Results(y0, time_dtype)
 
     if direction < 0:
         user_field = field
@@ -242,19 +268,18 @@ def integrate(
     finite = torch.isfinite(y0.reshape(batch, -1)).all(1)
     start = torch.nonzero(finite).squeeze(1)
     if start.shape[0] < batch:
-        first_bad = int(torch.nonzero(~finite)[0])
         if raise_on_failure:
+            first_bad = int(torch.nonzero(~finite)[0])
             raise _failure(SampleStatus.NON_FINITE, first_bad, direction * t_start, t, max_num_steps)
         results.status[~finite] = int(SampleStatus.NON_FINITE)
         results.t_reached[~finite] = t_start
         if start.shape[0] == 0:
-            return results.solution(), results.stats(tableau, direction)
+            return results.solution(times, dense), results.stats(tableau, direction)
     results.started[start] = True
 
     y = y0.index_select(0, start)
     active = start.shape[0]
     zeros = torch.zeros(active, dtype=torch.int64, device=device)
-    no = torch.zeros(active, dtype=torch.bool, device=device)
     t_now = torch.full((active,), t_start, dtype=time_dtype, device=device)
     k0 = field(t_now, y, start)
     if k0.shape != y.shape:
@@ -272,23 +297,23 @@ def integrate(
         attempts=zeros,
         accepted=zeros,
         outputs_done=torch.ones_like(zeros),
-        after_reject=no,
-        last_non_finite=no,
+        next_output=torch.full_like(t_now, float(times[1])),
+        last_accepted=torch.ones(active, dtype=torch.bool, device=device),
     )
     rows.h = _initial_step(field, rows, t_end - t_start, tableau.embedded_order, norm, broadcast)
 
-    dense = torch.tensor(tableau.dense, dtype=time_dtype, device=device)
     stage_weights = [(tableau.a[i], tableau.c[i]) for i in range(1, tableau.stages)]
     exponent = -0.5 / (tableau.embedded_order + 1)  # on the mean square: norm^(-1/(q+1))
     max_growth = torch.tensor(MAX_FACTOR, dtype=time_dtype, device=device)
     no_growth = torch.ones((), dtype=time_dtype, device=device)
     min_factor = torch.tensor(MIN_FACTOR, dtype=time_dtype, device=device)
     infinity = torch.tensor(float("inf"), dtype=time_dtype, device=device)
+    last_time = times.shape[0] - 1
 
     while True:
         t1 = torch.clamp(rows.t + rows.h, max=t_end)
         h = t1 - rows.t  # the step actually taken: lands exactly on t_end
-        h_state = h.to(y0.dtype).view(broadcast)
+        h_state = (h if time_dtype == y0.dtype else h.to(y0.dtype)).view(broadcast)
         ks = [rows.k0]
         y_stage = rows.y
         for a_row, c in stage_weights:
@@ -300,30 +325,30 @@ def integrate(
         with torch.no_grad():
             error = _combine(tableau.b_error, ks) * h_state
             scale = torch.addcmul(rows.atol, rows.rtol, torch.maximum(rows.y.abs(), y1.abs()))
-            error_sq = norm((error / scale).square()).to(time_dtype)
-            finite = torch.isfinite(error_sq)
-            error_sq = torch.nan_to_num(error_sq, nan=float("inf"))
+            error_sq = norm((error / scale).square())
+            # NaN -> inf: a non-finite step is rejected and shrinks h by MIN_FACTOR.
+            error_sq = torch.nan_to_num(
+                error_sq if time_dtype == y0.dtype else error_sq.to(time_dtype), nan=float("inf")
+            )
             accept = error_sq < 1.0
-            max_factor = torch.where(rows.after_reject, no_growth, max_growth)
-            factor = torch.clamp(SAFETY * error_sq**exponent, min=min_factor, max=max_factor)
-            h_next = h * factor
+            max_factor = torch.where(rows.last_accepted, max_growth, no_growth)
+            h_next = h * torch.clamp(SAFETY * error_sq**exponent, min=min_factor, max=max_factor)
             t_next = torch.where(accept, t1, rows.t)
             attempts = rows.attempts + 1
-            accepted = rows.accepted + accept
             done = accept & (t1 == t_end)
-            # NaN steps land here too: the comparison is False for NaN.
-            underflow = ~(h_next >= 10 * (torch.nextafter(t_next, infinity) - t_next)) & ~done
-            failed = underflow if max_num_steps is None else underflow | ((attempts >= max_num_steps) & ~done)
-            outputs_now = torch.searchsorted(times, t_next, right=True)
-            n_new = outputs_now - rows.outputs_done
-            finished = done | failed
-            n_outputs, n_finished = torch.stack((n_new.sum(), finished.sum())).tolist()
+            # The comparison is False for a NaN step, so a NaN step size also counts as underflow.
+            underflow = ~(h_next >= 10 * (torch.nextafter(t_next, infinity) - t_next))
+            finished = done | underflow
+            if max_num_steps is not None:
+                finished = finished | (attempts >= max_num_steps)
+            crossed = t_next >= rows.next_output
+            any_crossed, any_finished = torch.stack((crossed, finished)).any(1).tolist()
 
-        if n_outputs:
-            pieces = _dense_output(dense, times, rows, h, n_new, ks, y1, broadcast)
-            results.time_index.append(pieces[0])
-            results.sample_index.append(pieces[1])
-            results.values.append(pieces[2])
+            outputs_done, next_output = rows.outputs_done, rows.next_output
+            if any_crossed:
+                crossing, outputs_done = _crossing(rows, t_next, h, times, y1, ks)
+                results.crossings.append(crossing)
+                next_output = times[outputs_done.clamp(max=last_time)]
 
         accept_state = accept.view(broadcast)
         rows = _Rows(
@@ -335,37 +360,24 @@ def integrate(
             rtol=rows.rtol,
             atol=rows.atol,
             attempts=attempts,
-            accepted=accepted,
-            outputs_done=outputs_now,
-            after_reject=~accept,
-            last_non_finite=~finite,
+            accepted=rows.accepted + accept,
+            outputs_done=outputs_done,
+            next_output=next_output,
+            last_accepted=accept,
         )
-        if n_finished:
-            codes = torch.where(
-                done,
-                int(SampleStatus.SUCCESS),
-                torch.where(
-                    underflow,
-                    torch.where(
-                        rows.last_non_finite,
-                        int(SampleStatus.NON_FINITE),
-                        int(SampleStatus.STEP_SIZE_UNDERFLOW),
-                    ),
-                    int(SampleStatus.STEP_BUDGET_EXCEEDED),
-                ),
-            )
+        if any_finished:
             leaving = torch.nonzero(finished).squeeze(1)
-            leaving_codes = codes[leaving]
-            if raise_on_failure and bool((leaving_codes != SampleStatus.SUCCESS).any()):
-                bad = leaving[leaving_codes != SampleStatus.SUCCESS]
-                first = int(torch.argmin(rows.idx[bad]))
-                row = int(bad[first])
-                raise _failure(
-                    int(codes[row]), int(rows.idx[row]), direction * float(rows.t[row]), t, max_num_steps
-                )
-            results.finish(rows, leaving, leaving_codes, rows.t[leaving])
-            if n_finished == rows.idx.shape[0]:
+            codes = _status_codes(done, underflow, error_sq).index_select(0, leaving)
+            failed = codes != SampleStatus.SUCCESS
+            if raise_on_failure and bool(failed.any()):
+                bad = torch.nonzero(failed).squeeze(1)  # positions in `leaving`
+                pos = int(bad[torch.argmin(rows.idx[leaving[bad]])])  # the lowest sample index
+                row = int(leaving[pos])
+                when = direction * float(rows.t[row])
+                raise _failure(int(codes[pos]), int(rows.idx[row]), when, t, max_num_steps)
+            results.finish(rows, leaving, codes)
+            if leaving.shape[0] == rows.idx.shape[0]:
                 break
             rows = rows.select(torch.nonzero(~finished).squeeze(1))
 
-    return results.solution(), results.stats(tableau, direction)
+    return results.solution(times, dense), results.stats(tableau, direction)
