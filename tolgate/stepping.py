@@ -344,11 +344,11 @@ def integrate(
             crossed = t_next >= rows.next_output
             any_crossed, any_finished = torch.stack((crossed, finished)).any(1).tolist()
 
-            outputs_done, next_output = rows.outputs_done, rows.next_output
-            if any_crossed:
-                crossing, outputs_done = _crossing(rows, t_next, h, times, y1, ks)
-                results.crossings.append(crossing)
-                next_output = times[outputs_done.clamp(max=last_time)]
+        outputs_done, next_output = rows.outputs_done, rows.next_output
+        if any_crossed:  # with gradient: the crossing holds the stages the dense output needs
+            crossing, outputs_done = _crossing(rows, t_next, h, times, y1, ks)
+            results.crossings.append(crossing)
+            next_output = times[outputs_done.clamp(max=last_time)]
 
         accept_state = accept.view(broadcast)
         rows = _Rows(

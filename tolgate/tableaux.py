@@ -41,6 +41,7 @@ class ButcherTableau:
         order: order of ``b``.
         embedded_order: order of ``b_hat``; the controller's exponent is ``1/(embedded_order+1)``.
         dense: ``(stages, degree)`` coefficients of ``theta, theta^2, ...`` per stage.
+        dense_order: order of the interpolant (its local error is ``O(h^(dense_order+1))``).
     """
 
     name: str
@@ -51,6 +52,7 @@ class ButcherTableau:
     order: int
     embedded_order: int
     dense: tuple[tuple[float, ...], ...]
+    dense_order: int
 
     def __post_init__(self) -> None:
         stages = len(self.c)
@@ -142,6 +144,7 @@ DOPRI5 = ButcherTableau(
     b_error=(71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40),
     order=5,
     embedded_order=4,
+    dense_order=4,
     dense=(
         (1.0, -8048581381 / 2820520608, 8663915743 / 2820520608, -12715105075 / 11282082432),
         (0.0, 0.0, 0.0, 0.0),
@@ -164,6 +167,7 @@ BOSH3 = ButcherTableau(
     order=3,
     embedded_order=2,
     dense=_hermite_dense(_BOSH3_B),
+    dense_order=3,
 )
 
 _TSIT5_B = (
@@ -201,6 +205,7 @@ TSIT5 = ButcherTableau(
     order=5,
     embedded_order=4,
     dense=_tsit5_dense(),
+    dense_order=4,
 )
 
 TABLEAUX: dict[str, ButcherTableau] = {t.name: t for t in (DOPRI5, BOSH3, TSIT5)}
