@@ -1,7 +1,8 @@
 """Properties of the per-sample solver (tolgate.persample, tolgate.stepping, tolgate.tableaux).
 
-The problem generators and the scipy comparison below are local helpers: ``tolgate.testing`` had
-no helpers yet when this file was written.
+Nonlinear problems, tolerances and the DOP853 reference come from ``tolgate.testing``; the batches
+of linear systems with per-sample matrices (and their exact solutions) are local helpers, since
+``tolgate.testing``'s problems are single-sample fields.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from tolgate.errors import NonFiniteStateError, StepBudgetExceeded, StepSizeUnde
 from tolgate.persample import from_torchdiffeq, solve_per_sample
 from tolgate.sample_stats import SampleStatus
 from tolgate.tableaux import TABLEAUX, ButcherTableau
+from tolgate.testing import normalized_error, reference_solution
+from tolgate.testing.strategies import nonlinear_problems, tolerances
 
 SCIPY_METHOD = {"dopri5": "RK45", "bosh3": "RK23"}
 F64 = torch.float64
@@ -189,40 +192,39 @@ def test_error_in_batch_no_worse_than_alone(problem, method: str) -> None:
         assert float(in_batch[i]) <= float(alone[0]) * (1 + 1e-9) + 1e-12
 
 
-def test_dop853_reference_on_a_nonlinear_field() -> None:
-    """A nonlinear time-dependent field (Van der Pol with a per-sample forcing): each sample's
-    error against DOP853 at 1e-13 is within 1 + 1e-9 of its error solved alone."""
-    mu = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=F64)
+def _batched(problems: list) -> object:
+    """One per-sample field from several single-sample ``tolgate.testing`` problems (row r runs
+    ``problems[idx[r]].field``)."""
 
     def field(t, y, idx):
-        x, v = y[:, 0], y[:, 1]
-        return torch.stack((v, mu[idx] * (1 - x * x) * v - x + 0.3 * torch.sin(t)), 1)
+        return torch.stack([problems[i].field(t[r], y[r]) for r, i in enumerate(idx.tolist())])
 
-    y0 = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.5, -1.0], [2.0, 0.5]], dtype=F64)
-    t = torch.linspace(0.0, 3.0, 5, dtype=F64)
-    reference = torch.empty(len(t), 4, 2, dtype=F64)
-    for i in range(4):
-        sol = scipy.integrate.solve_ivp(
-            lambda s, y, m=float(mu[i]): [y[1], m * (1 - y[0] ** 2) * y[1] - y[0] + 0.3 * math.sin(s)],
-            (0.0, 3.0),
-            y0[i].numpy(),
-            method="DOP853",
-            t_eval=t.numpy(),
-            rtol=1e-13,
-            atol=1e-13,
-        )
-        reference[:, i] = torch.tensor(sol.y.T)
-    ys, _ = solve_per_sample(field, y0, t, rtol=1e-6, atol=1e-6)
-    in_batch = scaled_error(ys, reference, 1e-6, 1e-6)
-    for i in range(4):
+    return field
 
-        def alone_field(t, y, idx, i=i):
-            return field(t, y, idx + i)
 
-        alone, _ = solve_per_sample(alone_field, y0[i : i + 1], t, rtol=1e-6, atol=1e-6)
-        alone_error = scaled_error(alone, reference[:, i : i + 1], 1e-6, 1e-6)
-        assert float(in_batch[i]) <= float(alone_error[0]) * (1 + 1e-9) + 1e-12
-        assert float(in_batch[i]) < 100.0  # and the error itself is of the order of the tolerance
+@settings(max_examples=6, deadline=None)
+@given(
+    problems=st.lists(nonlinear_problems(max_time=1.5), min_size=2, max_size=4),
+    rtols=st.lists(tolerances(1e-8, 1e-3), min_size=4, max_size=4),
+    method=st.sampled_from(sorted(TABLEAUX)),
+)
+def test_error_against_dop853_in_batch_and_alone(problems, rtols, method: str) -> None:
+    """Different nonlinear problems (Lotka-Volterra, pendulum) in one batch, each with its own
+    tolerance: every sample's error against scipy's DOP853 at 1e-13 is within a factor 1 + 1e-9
+    of its error solved alone, and at most 100 tolerances."""
+    t = problems[0].t
+    y0 = torch.stack([p.y0 for p in problems])
+    rtol = torch.tensor(rtols[: len(problems)], dtype=F64)
+    ys, stats = solve_per_sample(_batched(problems), y0, t, rtol=rtol, atol=rtol, method=method)
+    assert stats.succeeded.all()
+    for i, problem in enumerate(problems):
+        reference = reference_solution(problem.field, problem.y0, t)
+        tol = float(rtol[i])
+        alone, _ = solve_per_sample(_batched([problem]), y0[i : i + 1], t, rtol=tol, atol=tol, method=method)
+        in_batch_error = normalized_error(ys[:, i], reference, tol, tol)
+        alone_error = normalized_error(alone[:, 0], reference, tol, tol)
+        assert in_batch_error <= alone_error * (1 + 1e-9) + 1e-12
+        assert in_batch_error <= 100.0
 
 
 # ---------------------------------------------------------------------------------------------
