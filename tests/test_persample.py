@@ -421,13 +421,22 @@ def test_tuple_state_follows_its_sample() -> None:
     assert stats.succeeded.all() and stats.nfe[2] > stats.nfe[0]
 
 
-def test_float32_state() -> None:
-    matrices = damped_oscillators(np.array([1.0, 10.0])).float()
+@pytest.mark.parametrize("time_dtype", [torch.float32, F64])
+def test_float32_state(time_dtype: torch.dtype) -> None:
+    """A float32 state; the field sees t in the state's dtype whatever the dtype of ``t``."""
+    base = linear_field(damped_oscillators(np.array([1.0, 10.0])).float())
+    seen = set()
+
+    def field(t, y, idx):
+        seen.add(t.dtype)
+        return base(t, y, idx)
+
     y0 = torch.ones(2, 2)
-    t = torch.tensor([0.0, 1.0])
-    ys, stats = solve_per_sample(linear_field(matrices), y0, t, rtol=1e-5, atol=1e-5)
-    assert ys.dtype == torch.float32 and stats.t_reached.dtype == torch.float32
-    reference = exact_linear(matrices.double(), y0.double(), t.double())
+    t = torch.tensor([0.0, 1.0], dtype=time_dtype)
+    ys, stats = solve_per_sample(field, y0, t, rtol=1e-5, atol=1e-5)
+    assert ys.dtype == torch.float32 and seen == {torch.float32}
+    assert stats.t_reached.dtype == time_dtype and torch.equal(stats.t_reached, t[-1].expand(2))
+    reference = exact_linear(damped_oscillators(np.array([1.0, 10.0])), y0.double(), t.double())
     assert float(scaled_error(ys.double(), reference, 1e-5, 1e-5).max()) < 20.0
 
 

@@ -10,8 +10,8 @@ Vector-field contract
 ---------------------
 ``func(t, y, idx) -> dy/dt``, called only on the rows still integrating:
 
-* ``t``: ``(active,)`` each row's own time (the solver's time dtype: ``y0``'s and ``t``'s dtypes
-  promoted).
+* ``t``: ``(active,)`` each row's own time, in ``y0``'s dtype (as torchdiffeq passes it; the
+  solver itself keeps time in the promoted dtype of ``y0`` and ``t``).
 * ``y``: ``(active, *state)`` the rows' states (a tuple of such tensors if ``y0`` is a tuple).
 * ``idx``: ``(active,)`` int64, the rows' original sample indices into ``y0``. Per-sample data
   must be indexed with it, e.g. a CNF's Hutchinson noise ``eps[idx]``, so that it follows its

@@ -198,6 +198,22 @@ def _crossing(
     return crossing, outputs_now
 
 
+def _in_solver_time(
+    field: Field, direction: float, time_dtype: torch.dtype, state_dtype: torch.dtype
+) -> Field:
+    """The field as the loop sees it: time runs forward (``tau = direction * t``), and the user's
+    field gets ``t`` in the state's dtype (as torchdiffeq does) while the loop keeps its own time
+    in the promoted dtype."""
+    if direction > 0 and time_dtype == state_dtype:
+        return field
+
+    def oriented(tau: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        out = field((tau * direction).to(state_dtype), y, idx)
+        return out if direction > 0 else -out
+
+    return oriented
+
+
 def _status_codes(done: torch.Tensor, underflow: torch.Tensor, error_sq: torch.Tensor) -> torch.Tensor:
     """Why each row stopped: it reached the end; its step underflowed while its last attempt was
     finite, or not finite; otherwise (neither) its step budget ran out."""
@@ -257,12 +273,7 @@ def integrate(
     dense = torch.tensor(tableau.dense, dtype=time_dtype, device=y0.device)
     results = _Results(y0, time_dtype)
 
-    if direction < 0:
-        user_field = field
-
-        def field(tau: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-            return -user_field(-tau, y, idx)
-
+    field = _in_solver_time(field, direction, time_dtype, y0.dtype)
     broadcast = (-1,) + (1,) * (y0.dim() - 1)
     batch, device = y0.shape[0], y0.device
     finite = torch.isfinite(y0.reshape(batch, -1)).all(1)
