@@ -1,0 +1,39 @@
+"""Tables in the shape of the paper's Table 1, built from run summaries."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+
+
+def _fmt(values: Sequence[float], scale: float = 1.0, digits: int = 3) -> str:
+    values = [v * scale for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def row_metrics(summaries: Sequence[Mapping]) -> dict[str, str]:
+    """Mean ± std over seeds of the selected epoch's test metrics and the run-mean training NFE."""
+    test = [s["selected"]["test"] for s in summaries]
+    return {
+        "test error (%)": _fmt([t["error"] for t in test], 100.0, 2),
+        "bits/dim x|y": _fmt([t["bpd_cond"] for t in test]),
+        "bits/dim x": _fmt([t["bpd_marginal"] for t in test]),
+        "train NFE fwd": _fmt([s["train_nfe_forward_mean"] for s in summaries], digits=1),
+        "train NFE bwd": _fmt([s["train_nfe_backward_mean"] for s in summaries], digits=1),
+        "test NFE fwd": _fmt([t["nfe_forward"] for t in test], digits=1),
+        "s/epoch": _fmt([s["seconds_per_epoch_mean"] for s in summaries], digits=1),
+        "s/iter": _fmt([s["seconds_per_iteration_mean"] for s in summaries], digits=3),
+    }
+
+
+def comparison_table(rows: Mapping[str, Mapping | Sequence[Mapping]]) -> str:
+    """A markdown table, one row per entry of ``rows`` (a summary or a list of per-seed summaries)."""
+    rendered = {name: row_metrics(v if isinstance(v, Sequence) else [v]) for name, v in rows.items()}
+    columns = list(next(iter(rendered.values())))
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(r[c] for c in columns) + " |" for name, r in rendered.items()]
+    return "\n".join(lines)

@@ -1,0 +1,652 @@
+"""Training and evaluation of CNF / CCNF / InfoCNF with any tolgate tolerance policy.
+
+One entry point (:func:`run`) configured by a :class:`TrainConfig`; experiments differ in
+configuration only. A training step, in order:
+
+1. every block's GatedSolver draws its tolerance (training policy) and records the solve;
+2. ``J = bits/dim(x|y) + beta * cross-entropy`` (Eq. 4) is formed from the model's output;
+3. for learned tolerances, :func:`tolgate.reinforce_loss` forms the REINFORCE surrogate from the
+   blocks' records in network order (Eq. 7); its gradient reaches only the gates;
+4. one backward of ``J + surrogate`` (or two, when the reward includes backward NFE, which is
+   known only after the first), gradients averaged over ranks, one optimiser step.
+
+Evaluation always uses the fixed tolerance ``eval_tol`` (never the sampled training tolerance) and
+the divergence estimator ``eval_divergence``, the same for every model.
+
+Data parallelism (``torchrun --nproc_per_node=N``): each rank takes its shard of every global
+batch; gradients are averaged with an explicit all-reduce after the (one or two) backward passes
+rather than by DistributedDataParallel's hooks, because the REINFORCE backward may run after the
+task loss's backward and a frozen or fixed gate leaves parameters without gradient. NFE and
+tolerances are all-reduced, so the logs report every rank, never rank 0 alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from tolgate import (
+    ConvGate,
+    FixedTolerance,
+    GaussianGate,
+    RunningMeanBaseline,
+    ScheduledTolerance,
+    TolerancePolicy,
+    gated_solvers,
+    reinforce_loss,
+    set_progress,
+)
+
+from . import plots
+from .data import bits_per_dim, load_dataset, make_batches
+from .models import FlowModel, ModelConfig, build_model, set_divergence
+
+TOLERANCE_MODES = ("fixed", "scheduled", "learned", "frozen", "gate-mean")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run. Tolerances are rtol = atol; ``alpha`` prices one NFE (Eq. 6)."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    model: str = "infocnf"
+    tolerance: str = "fixed"
+    train_tol: float = 1e-5
+    eval_tol: float = 1e-5
+    schedule_end_tol: float = 1e-4
+    gate_mean_log10: list[float] | None = None
+    batch_size: int = 256
+    epochs: int = 10
+    lr: float = 1e-3
+    lr_decay_epoch: int | None = None
+    lr_decay: float = 0.1
+    warmup_iters: int = 0
+    grad_clip: float | None = None
+    beta: float = 0.5
+    alpha: float = 0.01
+    baseline_momentum: float = 0.9
+    reward_backward_nfe: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/default"
+    hidden: int = 64
+    n_flows: int = 2
+    n_scales: int | None = None
+    method: str = "dopri5"
+    adjoint: bool = False
+    seminorm: bool = False
+    noise: str = "rademacher"
+    time_embedding: str = "concat"
+    zy_fraction: float = 0.5
+    zy_location: str = "first-scale"
+    eval_divergence: str = "hutchinson"
+    eval_batch_size: int = 500
+    max_train_batches: int | None = None
+    max_eval_batches: int | None = None
+    val_fraction: float = 0.1
+    recheck_tols: list[float] = field(default_factory=list)
+    sample_every: int = 0
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        if self.tolerance not in TOLERANCE_MODES:
+            raise ValueError(f"tolerance must be one of {TOLERANCE_MODES}, got {self.tolerance!r}")
+        if self.tolerance == "gate-mean" and not self.gate_mean_log10:
+            raise ValueError("tolerance 'gate-mean' needs gate_mean_log10 (per block), e.g. from --gate-mean-from")
+        for name in ("train_tol", "eval_tol", "schedule_end_tol"):
+            value = getattr(self, name)
+            if not (0 < value <= 1):
+                raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+        if self.batch_size < 1 or self.epochs < 1 or self.lr <= 0:
+            raise ValueError(
+                f"need batch_size >= 1, epochs >= 1, lr > 0; got {self.batch_size}, {self.epochs}, {self.lr}"
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+PRESETS: dict[str, dict] = {
+    # Section 4.1: batch 900, 400 epochs, Adam lr 1e-3 decayed to 1e-4 after epoch 250.
+    "paper-small": dict(batch_size=900, epochs=400, lr=1e-3, lr_decay_epoch=250, warmup_iters=1000),
+    # Section 4.1 / REFERENCE-FACTS: batch 8000, lr 1e-2 decayed to 1e-3 at epoch 120, clip 20.
+    "paper-large": dict(batch_size=8000, epochs=400, lr=1e-2, lr_decay_epoch=120, warmup_iters=1000, grad_clip=20.0),
+    # 2 CPU cores, 8x8 digits: a small network, a few minutes per run.
+    "cpu": dict(dataset="digits", batch_size=200, epochs=6, lr=3e-3, hidden=32, n_flows=1, eval_batch_size=360),
+}
+
+
+# ----------------------------------------------------------------------------- policies
+
+
+def policy_factory(config: TrainConfig):
+    """``(block_index, in_channels) -> TolerancePolicy`` for ``config.tolerance``."""
+    mode = config.tolerance
+
+    def make(index: int, channels: int) -> TolerancePolicy:
+        if mode == "fixed":
+            return FixedTolerance(config.train_tol)
+        if mode == "scheduled":
+            return ScheduledTolerance.log_linear(config.train_tol, config.schedule_end_tol, config.epochs, "epoch")
+        if mode == "gate-mean":
+            if index >= len(config.gate_mean_log10):
+                raise ValueError(f"gate_mean_log10 has {len(config.gate_mean_log10)} entries; block {index} has none")
+            return FixedTolerance(10.0 ** config.gate_mean_log10[index])
+        gate = GaussianGate(ConvGate(channels), initial_log10=math.log10(config.train_tol))
+        return gate.freeze() if mode == "frozen" else gate
+
+    return make
+
+
+def gate_mean_from_run(run_dir: str | Path) -> list[float]:
+    """Per-block mean log10 tolerance drawn in the final training epoch of a learned run."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: --gate-mean-from needs a finished learned-tolerance run")
+    last = read_history(path)[-1]
+    means = last["train"].get("tol_log10_mean")
+    if not means or any(m is None for m in means):
+        raise ValueError(f"{path}: the last epoch has no per-block tolerances (was it a learned run?)")
+    return [float(m) for m in means]
+
+
+def build(config: TrainConfig, image_shape: tuple[int, int, int], n_classes: int) -> FlowModel:
+    model_config = ModelConfig(
+        kind=config.model,
+        image_shape=image_shape,
+        n_classes=n_classes,
+        n_scales=config.n_scales,
+        n_flows=config.n_flows,
+        hidden=config.hidden,
+        time_embedding=config.time_embedding,
+        noise=config.noise,
+        zy_fraction=config.zy_fraction,
+        zy_location=config.zy_location,
+        method=config.method,
+        adjoint=config.adjoint,
+    )
+    model = build_model(model_config, policy_factory(config), eval_policy=FixedTolerance(config.eval_tol))
+    if config.seminorm:
+        if not config.adjoint:
+            raise ValueError("seminorm applies to the adjoint solve: set adjoint=True as well")
+        for solver in gated_solvers(model):
+            solver.adjoint_options = {"norm": "seminorm"}
+    return model
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Sum a list of floats over ranks (identity on one process)."""
+        if self.world == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def gather(self, value: float, device: torch.device) -> list[float]:
+        if self.world == 1:
+            return [value]
+        out = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(self.world)]
+        dist.all_gather(out, torch.tensor(value, dtype=torch.float64, device=device))
+        return [float(v) for v in out]
+
+
+def init_distributed(device: torch.device) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size())
+
+
+def average_gradients(model: torch.nn.Module, ranks: Dist) -> None:
+    if ranks.world == 1:
+        return
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= ranks.world
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: FlowModel, batches, levels: int, ranks: Dist, max_batches: int | None = None) -> dict:
+    """Conditional and marginal bits/dim, classification error and forward NFE on one split.
+
+    Runs in eval mode: every solver uses its eval policy (a fixed tolerance), never a draw.
+    """
+    model.eval()
+    solvers = list(gated_solvers(model))
+    totals = [0.0] * 6  # n, bpd_cond, bpd_marginal, errors, cross-entropy (sums), nfe_forward (per batch, all blocks)
+    n_batches = 0
+    for k, batch in enumerate(batches.epoch(0)):
+        if max_batches is not None and k >= max_batches:
+            break
+        if batch.x.shape[0] == 0:
+            continue
+        out = model(batch.x, batch.y if model.conditional else None)
+        totals[0] += batch.x.shape[0]
+        totals[1] += float(bits_per_dim(out.log_px, model.dims, levels).sum())
+        totals[2] += float(bits_per_dim(model.marginal_log_px(out), model.dims, levels).sum())
+        if out.logits is not None:
+            totals[3] += float((out.logits.argmax(dim=1) != batch.y).sum())
+            totals[4] += float(torch.nn.functional.cross_entropy(out.logits, batch.y, reduction="sum"))
+        totals[5] += sum(s.records[-1].nfe_forward for s in solvers)
+        n_batches += 1
+    n, cond, marg, errors, ce, nfe = ranks.sum(totals, next(model.parameters()).device)
+    batches_all = ranks.sum([float(n_batches)], next(model.parameters()).device)[0]
+    return {
+        "n": int(n),
+        "bpd_cond": cond / n,
+        "bpd_marginal": marg / n,
+        "error": errors / n if model.conditional else None,
+        "cross_entropy": ce / n if model.conditional else None,
+        "nfe_forward": nfe / max(batches_all, 1.0),
+    }
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict:
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt files
+        raise RuntimeError(f"cannot load checkpoint {path}: {exc}") from exc
+
+
+def read_history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _epoch_accumulator(n_blocks: int) -> dict:
+    return {
+        "iters": 0,
+        "images": 0,
+        "loss": 0.0,
+        "bpd": 0.0,
+        "ce": 0.0,
+        "errors": 0.0,
+        "seconds": 0.0,
+        "nfe_forward": 0.0,
+        "nfe_backward": 0.0,
+        "nfe_forward_block": [0.0] * n_blocks,
+        "nfe_backward_block": [0.0] * n_blocks,
+        "log10_tol": [[] for _ in range(n_blocks)],
+    }
+
+
+def _finish_epoch(acc: dict, ranks: Dist, device: torch.device) -> dict:
+    n_blocks = len(acc["nfe_forward_block"])
+    scalars = [
+        acc["iters"],
+        acc["images"],
+        acc["loss"],
+        acc["bpd"],
+        acc["ce"],
+        acc["errors"],
+        acc["nfe_forward"],
+        acc["nfe_backward"],
+        *acc["nfe_forward_block"],
+        *acc["nfe_backward_block"],
+    ]
+    summed = ranks.sum([float(v) for v in scalars], device)
+    iters_all, images = summed[0], summed[1]
+    per_iter = 1.0 / max(iters_all, 1.0)
+    tol_mean, tol_std = [], []
+    for draws in acc["log10_tol"]:
+        stats = ranks.sum([float(len(draws)), sum(draws), sum(d * d for d in draws)], device)
+        if stats[0] == 0:
+            tol_mean.append(None)
+            tol_std.append(None)
+            continue
+        mean = stats[1] / stats[0]
+        tol_mean.append(mean)
+        tol_std.append(math.sqrt(max(stats[2] / stats[0] - mean * mean, 0.0)))
+    seconds = acc["seconds"]
+    return {
+        "loss": summed[2] * per_iter,
+        "bpd_cond": summed[3] * per_iter,
+        "cross_entropy": summed[4] * per_iter,
+        "error": summed[5] / max(images, 1.0),
+        # NFE per iteration, summed over blocks, averaged over every rank's iterations.
+        "nfe_forward": summed[6] * per_iter,
+        "nfe_backward": summed[7] * per_iter,
+        "nfe_forward_per_block": [v * per_iter for v in summed[8 : 8 + n_blocks]],
+        "nfe_backward_per_block": [v * per_iter for v in summed[8 + n_blocks :]],
+        "nfe_forward_per_rank": ranks.gather(acc["nfe_forward"] / max(acc["iters"], 1), device),
+        "tol_log10_mean": tol_mean,
+        "tol_log10_std": tol_std,
+        "seconds": seconds,
+        "images_per_second": images / seconds if seconds > 0 else None,
+        "seconds_per_iteration": seconds / max(acc["iters"], 1),
+    }
+
+
+class _Interrupt:
+    """Turns Ctrl-C into a flag checked between iterations, so the run saves and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _Interrupt:
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def run(config: TrainConfig, resume: bool = False, stop_after_batches: int | None = None) -> dict:
+    """Train, evaluate every epoch, select on validation loss, write everything under ``config.out``.
+
+    Returns the summary (also written to ``summary.json``). ``stop_after_batches`` simulates an
+    interruption after that many training iterations (tests of ``resume``).
+    """
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch.cuda.is_available() is False")
+    ranks = init_distributed(device)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    dataset = load_dataset(config.dataset, config.data_dir, split_seed=0, val_fraction=config.val_fraction)
+    train_batches = make_batches(
+        dataset, "train", config.batch_size, seed=config.seed, rank=ranks.rank, world_size=ranks.world, device=device
+    )
+    val_batches = make_batches(
+        dataset, "val", config.eval_batch_size, seed=config.seed, rank=ranks.rank, world_size=ranks.world, device=device
+    )
+    test_batches = make_batches(
+        dataset,
+        "test",
+        config.eval_batch_size,
+        seed=config.seed,
+        rank=ranks.rank,
+        world_size=ranks.world,
+        device=device,
+    )
+    iters_per_epoch = (
+        len(train_batches) if config.max_train_batches is None else min(len(train_batches), config.max_train_batches)
+    )
+
+    torch.manual_seed(config.seed)  # identical initialisation on every rank
+    model = build(config, dataset.image_shape, dataset.n_classes).to(device)
+    solvers = list(gated_solvers(model))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+
+    def lr_factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / config.warmup_iters) if config.warmup_iters else 1.0
+        decayed = config.lr_decay_epoch is not None and step // iters_per_epoch >= config.lr_decay_epoch
+        return warm * (config.lr_decay if decayed else 1.0)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    baseline = RunningMeanBaseline(config.baseline_momentum)
+    learned = config.tolerance == "learned"
+
+    metrics_path = out / "metrics.jsonl"
+    start_epoch, start_batch, step, best = 0, 0, 0, None
+    acc = _epoch_accumulator(len(solvers))
+    torch.manual_seed(config.seed * 1000 + ranks.rank)  # per-rank noise streams from here on
+    if resume and (out / "last.pt").exists():
+        state = load_checkpoint(out / "last.pt", device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        baseline.load_state_dict(state["baseline"])
+        torch.set_rng_state(state["rng"][ranks.rank].cpu())
+        start_epoch, start_batch, step, best = state["epoch"], state["batch"], state["step"], state["best"]
+        acc = state["accumulator"]
+        history = [h for h in read_history(metrics_path) if h["epoch"] < start_epoch]
+        if ranks.main:
+            metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+            print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}, batch {start_batch}")
+    elif ranks.main and metrics_path.exists():
+        metrics_path.unlink()
+    if ranks.main:
+        (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+
+    def checkpoint(epoch: int, batch: int) -> None:
+        rng = ranks_gather_rng(ranks, device)
+        if ranks.main:
+            save_atomic(
+                {
+                    "epoch": epoch,
+                    "batch": batch,
+                    "step": step,
+                    "best": best,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "baseline": baseline.state_dict(),
+                    "rng": rng,
+                    "accumulator": acc,
+                    "config": asdict(config),
+                },
+                out / "last.pt",
+            )
+
+    interrupted = False
+    with _Interrupt() as interrupt:
+        for epoch in range(start_epoch, config.epochs):
+            model.train()
+            bar = tqdm(
+                total=iters_per_epoch,
+                initial=start_batch,
+                desc=f"epoch {epoch + 1}/{config.epochs}",
+                disable=not (ranks.main and config.progress_bar),
+                leave=False,
+            )
+            for b, batch in enumerate(train_batches.epoch(epoch, start_batch), start=start_batch):
+                if b >= iters_per_epoch:
+                    break
+                t0 = time.perf_counter()
+                set_progress(model, step, epoch + b / iters_per_epoch)
+                y = batch.y if model.conditional else None
+                output = model(batch.x, y)
+                loss, parts = model.loss(output, y, config.beta, dataset.levels)
+                records = [s.records[-1] for s in solvers]
+                optimizer.zero_grad(set_to_none=True)
+                if learned and config.reward_backward_nfe:
+                    loss.backward()
+                    reinforce_loss(records, loss, config.alpha, baseline, include_backward=True).backward()
+                elif learned:
+                    (loss + reinforce_loss(records, loss, config.alpha, baseline)).backward()
+                else:
+                    loss.backward()
+                average_gradients(model, ranks)
+                if config.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                acc["seconds"] += time.perf_counter() - t0
+                acc["iters"] += 1
+                acc["images"] += batch.x.shape[0]
+                acc["loss"] += float(loss.detach())
+                acc["bpd"] += float(parts.bits_per_dim)
+                if parts.cross_entropy is not None:
+                    acc["ce"] += float(parts.cross_entropy)
+                    acc["errors"] += float((output.logits.argmax(1) != batch.y).sum())
+                for k, rec in enumerate(records):
+                    acc["nfe_forward_block"][k] += rec.nfe_forward
+                    acc["nfe_backward_block"][k] += rec.nfe_backward
+                    acc["nfe_forward"] += rec.nfe_forward
+                    acc["nfe_backward"] += rec.nfe_backward
+                    if rec.log10_tolerance is not None:
+                        acc["log10_tol"][k].append(float(rec.log10_tolerance.float().mean()))
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{float(loss.detach()):.3f}",
+                    bpd=f"{float(parts.bits_per_dim):.3f}",
+                    nfe=sum(r.nfe_forward + r.nfe_backward for r in records),
+                    tol=f"{_mean_tol(records):.1e}",
+                )
+                stop_now = stop_after_batches is not None and step >= stop_after_batches
+                if interrupt.requested or stop_now:
+                    checkpoint(epoch, b + 1)
+                    interrupted = True
+                    break
+            bar.close()
+            if interrupted:
+                break
+            start_batch = 0
+            train_metrics = _finish_epoch(acc, ranks, device)
+            set_divergence(model, config.eval_divergence)
+            val = evaluate(model, val_batches, dataset.levels, ranks, config.max_eval_batches)
+            test = evaluate(model, test_batches, dataset.levels, ranks, config.max_eval_batches)
+            set_divergence(model, "hutchinson")
+            # Model selection on the validation split, by the training objective J (Eq. 4).
+            val_loss = val["bpd_cond"] + config.beta * (val["cross_entropy"] or 0.0)
+            record = {
+                "epoch": epoch,
+                "lr": scheduler.get_last_lr()[0],
+                "train": train_metrics,
+                "val": val,
+                "test": test,
+                "val_selection_loss": val_loss,
+            }
+            if best is None or val_loss < best["val_selection_loss"]:
+                best = {"epoch": epoch, "val_selection_loss": val_loss}
+                if ranks.main:
+                    save_atomic({"model": model.state_dict(), "epoch": epoch}, out / "best.pt")
+            if ranks.main:
+                with metrics_path.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                history = read_history(metrics_path)
+                plots.plot_curves(history, out / "curves.png")
+                if learned or config.tolerance == "frozen":
+                    plots.plot_tolerance_histograms(
+                        acc["log10_tol"],
+                        out / "tolerances.png",
+                        f"{config.model}, {config.tolerance}: log10 tolerance per block",
+                    )
+                _print_epoch(record)
+            if config.sample_every and (epoch + 1) % config.sample_every == 0 and ranks.main:
+                write_samples(model, dataset.n_classes, out / "samples.png")
+            acc = _epoch_accumulator(len(solvers))
+            start_epoch = epoch + 1
+            checkpoint(start_epoch, 0)
+    if interrupted:
+        if ranks.main:
+            print(f"interrupted: state saved to {out / 'last.pt'}; continue with --resume")
+        return {"interrupted": True, "epoch": start_epoch}
+    summary = summarize(config, model, out, best, dataset, test_batches, ranks)
+    if ranks.main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _mean_tol(records) -> float:
+    logs = []
+    for r in records:
+        tol = r.rtol
+        logs.append(math.log10(float(tol.double().mean())) if isinstance(tol, torch.Tensor) else math.log10(tol))
+    return 10.0 ** (sum(logs) / len(logs))
+
+
+def ranks_gather_rng(ranks: Dist, device: torch.device) -> list[torch.Tensor]:
+    """Every rank's CPU RNG state (so a resumed run continues every rank's noise stream)."""
+    state = torch.get_rng_state()
+    if ranks.world == 1:
+        return [state]
+    out = [torch.empty_like(state) for _ in range(ranks.world)]
+    dist.all_gather_object(out, state)
+    return out
+
+
+def write_samples(model: FlowModel, n_classes: int, path: Path, per_class: int = 8) -> None:
+    """Class-conditional samples at the evaluation tolerance: one row per class (Figure 7)."""
+    model.eval()
+    device = next(model.parameters()).device
+    y = torch.arange(n_classes, device=device).repeat_interleave(per_class)
+    images = model.sample(y)
+    plots.save_image_grid(images, path, nrow=per_class)
+
+
+def summarize(config, model, out, best, dataset, test_batches, ranks) -> dict:
+    """Metrics of the epoch selected on validation, NFE averaged over the run, and re-checks of
+    the selected checkpoint at tighter evaluation tolerances (Section 4.2)."""
+    history = read_history(out / "metrics.jsonl")
+    selected = next(h for h in history if h["epoch"] == best["epoch"])
+    summary = {
+        "config": asdict(config),
+        "selected_epoch": best["epoch"],
+        "selected": selected,
+        "train_nfe_forward_mean": sum(h["train"]["nfe_forward"] for h in history) / len(history),
+        "train_nfe_backward_mean": sum(h["train"]["nfe_backward"] for h in history) / len(history),
+        "seconds_per_epoch_mean": sum(h["train"]["seconds"] for h in history) / len(history),
+        "seconds_per_iteration_mean": sum(h["train"]["seconds_per_iteration"] for h in history) / len(history),
+        "final_gate_log10_mean": history[-1]["train"]["tol_log10_mean"],
+        "recheck": {},
+    }
+    if config.recheck_tols:
+        state = load_checkpoint(out / "best.pt", next(model.parameters()).device)
+        model.load_state_dict(state["model"])
+        set_divergence(model, config.eval_divergence)
+        for tol in config.recheck_tols:
+            for solver in gated_solvers(model):
+                solver.eval_policy = FixedTolerance(tol)
+            summary["recheck"][f"{tol:g}"] = evaluate(
+                model, test_batches, dataset.levels, ranks, config.max_eval_batches
+            )
+        for solver in gated_solvers(model):
+            solver.eval_policy = FixedTolerance(config.eval_tol)
+    if config.sample_every and ranks.main:
+        write_samples(model, dataset.n_classes, out / "samples.png")
+    return summary
+
+
+def _print_epoch(record: dict) -> None:
+    tr, te = record["train"], record["test"]
+    err = "" if te["error"] is None else f" test err {100 * te['error']:.2f}%"
+    print(
+        f"epoch {record['epoch'] + 1}: train loss {tr['loss']:.4f} nfe f/b {tr['nfe_forward']:.0f}/"
+        f"{tr['nfe_backward']:.0f} | test bpd(x|y) {te['bpd_cond']:.4f} bpd(x) {te['bpd_marginal']:.4f}{err}"
+        f" nfe {te['nfe_forward']:.0f} | {tr['seconds']:.1f}s, {tr['images_per_second']:.0f} img/s",
+        flush=True,
+    )
