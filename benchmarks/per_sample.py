@@ -41,7 +41,7 @@ import scipy.linalg
 import torch
 import torchdiffeq
 
-from tolgate.persample import solve_per_sample
+from tolgate.persample import PerSampleData, solve_per_sample
 
 try:  # benchmark-only extra: pip install "tolgate[bench]"
     import torchode
@@ -76,10 +76,7 @@ def linear_oscillators(batch: int = 256, seed: int = 0) -> Problem:
     reference = torch.stack(
         [
             torch.stack(
-                [
-                    torch.tensor(scipy.linalg.expm(m.numpy() * float(s))) @ y
-                    for m, y in zip(matrices, y0, strict=True)
-                ]
+                [torch.tensor(scipy.linalg.expm(m.numpy() * float(s))) @ y for m, y in zip(matrices, y0, strict=True)]
             )
             for s in t
         ]
@@ -87,9 +84,10 @@ def linear_oscillators(batch: int = 256, seed: int = 0) -> Problem:
 
     def fields(indices: torch.Tensor):
         a = matrices[indices]
+        a_rows = PerSampleData(a)  # gathered once per active set, not once per evaluation
 
         def per_sample(t, y, idx):
-            return (a[idx] @ y.unsqueeze(-1)).squeeze(-1)
+            return (a_rows[idx] @ y.unsqueeze(-1)).squeeze(-1)
 
         def batch_field(t, y):
             return (a @ y.unsqueeze(-1)).squeeze(-1)

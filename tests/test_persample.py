@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tolgate.errors import NonFiniteStateError, StepBudgetExceeded, StepSizeUnderflow
-from tolgate.persample import from_torchdiffeq, solve_per_sample
+from tolgate.persample import PerSampleData, from_torchdiffeq, solve_per_sample
 from tolgate.sample_stats import SampleStatus
 from tolgate.tableaux import TABLEAUX, ButcherTableau
 from tolgate.testing import normalized_error, reference_solution
@@ -265,6 +265,35 @@ def test_rows_evaluated_equal_the_sum_of_solo_nfe() -> None:
     assert torch.equal(stats.nfe, 2 + (tableau.stages - 1) * stats.n_steps)
 
 
+def test_per_sample_data_is_gathered_once_per_active_set() -> None:
+    """PerSampleData relies on idx being the same object until rows leave; the result is the same
+    as indexing on every call, and there are as many gathers as distinct active sets."""
+
+    class CountingGathers:
+        def __init__(self, data: torch.Tensor) -> None:
+            self.data, self.gathers = data, 0
+
+        def index_select(self, dim: int, idx: torch.Tensor) -> torch.Tensor:
+            self.gathers += 1
+            return self.data.index_select(dim, idx)
+
+    matrices = damped_oscillators(np.array([0.5, 2.0, 8.0, 30.0]))
+    source = CountingGathers(matrices)
+    data = PerSampleData(source)
+    active_sets = set()
+
+    def field(t, y, idx):
+        active_sets.add(tuple(idx.tolist()))
+        return (data[idx] @ y.unsqueeze(-1)).squeeze(-1)
+
+    y0 = torch.ones(4, 2, dtype=F64)
+    t = torch.linspace(0.0, 1.0, 3, dtype=F64)
+    cached, _ = solve_per_sample(field, y0, t, rtol=1e-6, atol=1e-6)
+    plain, _ = solve_per_sample(linear_field(matrices), y0, t, rtol=1e-6, atol=1e-6)
+    assert torch.equal(cached, plain)
+    assert source.gathers == len(active_sets) == 4  # the four samples finish at different steps
+
+
 def test_per_sample_tolerance_sets_each_samples_cost() -> None:
     matrices = damped_oscillators(np.array([5.0, 5.0]))
     y0 = torch.ones(2, 2, dtype=F64)
@@ -317,9 +346,7 @@ def test_a_sample_over_budget_is_reported_and_the_others_finish() -> None:
     reference = exact_linear(matrices, y0, t)
     assert float(scaled_error(ys[:, [0, 2]], reference[:, [0, 2]], 1e-4, 1e-4).max()) < 10.0
     with pytest.raises(StepBudgetExceeded, match="sample 1 "):
-        solve_per_sample(
-            linear_field(matrices), y0, t, rtol=tol, atol=tol, max_num_steps=40, on_failure="raise"
-        )
+        solve_per_sample(linear_field(matrices), y0, t, rtol=tol, atol=tol, max_num_steps=40, on_failure="raise")
 
 
 def test_finite_time_blow_up_underflows() -> None:

@@ -16,6 +16,8 @@ Vector-field contract
 * ``idx``: ``(active,)`` int64, the rows' original sample indices into ``y0``. Per-sample data
   must be indexed with it, e.g. a CNF's Hutchinson noise ``eps[idx]``, so that it follows its
   sample as rows leave the active set (drawing fresh noise per call is wrong in any solver).
+  ``idx`` is the same tensor object for every call until the active set changes, so
+  :class:`PerSampleData` gathers such data once per active set instead of once per call.
 * returns the time derivative with the shape of ``y``.
 * rows must not be coupled: no batch norm over the batch, no mean over rows. A coupled field
   breaks the independence that the per-sample error control assumes.
@@ -99,9 +101,7 @@ def solve_per_sample(
     rtol_rows = _per_sample_tolerance(rtol, "rtol", batch, flat0)
     atol_rows = _per_sample_tolerance(atol, "atol", batch, flat0)
     field = func if unpack is None else _packed_field(func, unpack)
-    ys, stats = integrate(
-        field, flat0, t, rtol_rows, atol_rows, tableau, max_num_steps, on_failure == "raise", norm
-    )
+    ys, stats = integrate(field, flat0, t, rtol_rows, atol_rows, tableau, max_num_steps, on_failure == "raise", norm)
     if unpack is None:
         return ys, stats
     return unpack(ys), stats
@@ -123,6 +123,25 @@ def from_torchdiffeq(func: Callable[[torch.Tensor, State], State]) -> PerSampleF
         return func(t.view(-1, *([1] * (first.dim() - 1))), y)
 
     return field
+
+
+class PerSampleData:
+    """Per-sample auxiliary data ``(batch, ...)`` for a per-sample field, gathered by ``idx``.
+
+    ``data[idx]`` returns ``data.index_select(0, idx)``, recomputed only when ``idx`` is a new
+    tensor (the active set changed), so a field evaluated six times per step on the same rows
+    gathers once. Example: ``noise = PerSampleData(eps)``, then ``noise[idx]`` inside the field.
+    """
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data = data
+        self._idx: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        if idx is not self._idx:
+            self._idx, self._rows = idx, self.data.index_select(0, idx)
+        return self._rows
 
 
 def _check_times(t: torch.Tensor, y0: torch.Tensor) -> None:
@@ -156,9 +175,7 @@ def _per_sample_tolerance(value: Tolerance, name: str, batch: int, y0: torch.Ten
     bad = ~torch.isfinite(rows) | (rows <= 0)
     if bool(bad.any()):
         sample = int(torch.nonzero(bad)[0])
-        raise ValueError(
-            f"{name} must be finite and > 0 for every sample; sample {sample} has {float(rows[sample])!r}"
-        )
+        raise ValueError(f"{name} must be finite and > 0 for every sample; sample {sample} has {float(rows[sample])!r}")
     return rows.contiguous()
 
 
@@ -205,9 +222,7 @@ def _check_tensor(tensor: object, name: str) -> None:
     if not torch.is_floating_point(tensor):
         raise TypeError(f"{name} must be floating point, got dtype {tensor.dtype}")
     if tensor.dim() < 1 or tensor.shape[0] == 0:
-        raise ValueError(
-            f"{name} must have a non-empty batch dimension first, got shape {tuple(tensor.shape)}"
-        )
+        raise ValueError(f"{name} must have a non-empty batch dimension first, got shape {tuple(tensor.shape)}")
 
 
 def _packed_field(func: PerSampleField, unpack: Unpack) -> Callable:

@@ -165,8 +165,9 @@ def _initial_step(
     norm: MeanSquare,
     broadcast: tuple[int, ...],
 ) -> torch.Tensor:
-    """Hairer, Norsett & Wanner (Solving ODEs I, Sec. II.4), row by row; as scipy's
-    ``select_initial_step``. Costs one evaluation (``f0`` is ``rows.k0``)."""
+    """Hairer, Norsett & Wanner (Solving ODEs I, Sec. II.4), row by row, as scipy's
+    ``select_initial_step``: ``(active,)`` first step sizes. One evaluation (``f0`` is ``rows.k0``;
+    ``rows.h`` is not read)."""
     with torch.no_grad():
         y, f0 = rows.y, rows.k0
         scale = torch.addcmul(rows.atol, rows.rtol, y.abs())
@@ -183,6 +184,26 @@ def _initial_step(
             (0.01 / torch.maximum(d1, d2)) ** (1.0 / (embedded_order + 1)),
         )
         return torch.minimum(100 * h0, h1).clamp(max=interval).to(rows.t.dtype)
+
+
+def _stages(
+    field: Field, rows: _Rows, tableau: ButcherTableau, t_end: float, broadcast: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """One attempted step for every active row: ``(t1, h, h_state, ks, y1)``.
+
+    The step is clipped to land exactly on ``t_end``; ``h = t1 - t`` is the step actually taken,
+    ``h_state`` the same as ``(active, 1, ..., 1)`` in the state's dtype, ``ks`` the stage
+    derivatives. FSAL: the last stage is evaluated at ``(t1, y1)`` with ``y1`` the stage input.
+    """
+    t1 = torch.clamp(rows.t + rows.h, max=t_end)
+    h = t1 - rows.t
+    h_state = (h if h.dtype == rows.y.dtype else h.to(rows.y.dtype)).view(broadcast)
+    ks = [rows.k0]
+    for a_row, c in zip(tableau.a[1:], tableau.c[1:], strict=True):
+        y_stage = torch.addcmul(rows.y, h_state, _combine(a_row, ks))
+        t_stage = t1 if c == 1.0 else torch.add(rows.t, h, alpha=c)
+        ks.append(field(t_stage, y_stage, rows.idx))
+    return t1, h, h_state, ks, y_stage
 
 
 def _crossing(
@@ -313,7 +334,6 @@ def integrate(
     )
     rows.h = _initial_step(field, rows, t_end - t_start, tableau.embedded_order, norm, broadcast)
 
-    stage_weights = [(tableau.a[i], tableau.c[i]) for i in range(1, tableau.stages)]
     exponent = -0.5 / (tableau.embedded_order + 1)  # on the mean square: norm^(-1/(q+1))
     max_growth = torch.tensor(MAX_FACTOR, dtype=time_dtype, device=device)
     no_growth = torch.ones((), dtype=time_dtype, device=device)
@@ -322,16 +342,7 @@ def integrate(
     last_time = times.shape[0] - 1
 
     while True:
-        t1 = torch.clamp(rows.t + rows.h, max=t_end)
-        h = t1 - rows.t  # the step actually taken: lands exactly on t_end
-        h_state = (h if time_dtype == y0.dtype else h.to(y0.dtype)).view(broadcast)
-        ks = [rows.k0]
-        y_stage = rows.y
-        for a_row, c in stage_weights:
-            y_stage = torch.addcmul(rows.y, h_state, _combine(a_row, ks))
-            t_stage = t1 if c == 1.0 else torch.add(rows.t, h, alpha=c)
-            ks.append(field(t_stage, y_stage, rows.idx))
-        y1 = y_stage  # FSAL: the last stage is evaluated at (t + h, y1)
+        t1, h, h_state, ks, y1 = _stages(field, rows, tableau, t_end, broadcast)
 
         with torch.no_grad():
             error = _combine(tableau.b_error, ks) * h_state
