@@ -142,6 +142,12 @@ class CNFBlock(nn.Module):
         zs, logps = self.solver(dynamics, (z, logp), times, context=z)
         return zs[-1], logps[-1]
 
+    def transport(self, z: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        """Flow ``z`` ``(batch, *state)`` through the block without the log-density (no trace):
+        half the cost, for decoding and sampling. Same solver, so the solve is recorded."""
+        times = torch.tensor([1.0, 0.0] if reverse else [0.0, 1.0], dtype=z.dtype, device=z.device)
+        return self.solver(self.odefunc, z, times, context=z)[-1]
+
     def _draw_noise(self, z: torch.Tensor) -> torch.Tensor:
         if self.noise == "rademacher":
             return torch.randint(0, 2, z.shape, device=z.device).to(z.dtype) * 2 - 1

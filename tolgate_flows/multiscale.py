@@ -95,10 +95,10 @@ class _Scale(nn.Module):
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
         if self.squeezes:
             for block in reversed(self.post):
-                z, _ = block(z, reverse=True)
+                z = block.transport(z, reverse=True)
             z = unsqueeze(z)
         for block in reversed(self.pre):
-            z, _ = block(z, reverse=True)
+            z = block.transport(z, reverse=True)
         return z
 
 
