@@ -31,6 +31,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--gate-lr", type=float, help="learning rate of the gates (default: --lr)")
     p.add_argument("--lr-decay-epoch", type=int)
     p.add_argument("--warmup-iters", type=int)
     p.add_argument("--grad-clip", type=float)
