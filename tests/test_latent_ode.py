@@ -99,3 +99,17 @@ def test_bad_inputs_raise():
         model.loss(x, t[:-1], y)
     with pytest.raises(ValueError, match="code_dim"):
         PartitionedLatentODE(code_dim=6)
+
+
+def test_observation_normalisation_is_an_exact_affine_wrapper():
+    torch.manual_seed(2)
+    plain = LatentODE()
+    shift, scale = torch.tensor([5.0, -1.0]), torch.tensor([6.0, 4.0])
+    scaled = LatentODE(obs_shift=shift, obs_scale=scale)
+    scaled.load_state_dict({**plain.state_dict(), "obs_shift": shift, "obs_scale": scale})
+    x, t, _ = _data()
+    z0 = torch.randn(BATCH, 5)
+    torch.testing.assert_close(scaled.decode(z0, t), shift + scale * plain.decode(z0, t))
+    torch.testing.assert_close(scaled.encode(shift + scale * x), plain.encode(x))
+    with pytest.raises(ValueError, match="obs_scale"):
+        LatentODE(obs_scale=torch.tensor([1.0, 0.0]))
