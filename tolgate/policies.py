@@ -98,8 +98,10 @@ class FixedTolerance(TolerancePolicy):
     def from_gate(cls, gate: GaussianGate, contexts: Iterable[torch.Tensor]) -> FixedTolerance:
         """The ablation "fixed at the trained gate's mean": ``10 ** mean(log10 tolerance)``.
 
-        The mean is taken over every sample of ``contexts`` (an iterable of gate inputs), so the
-        fixed tolerance is the geometric mean of what the gate would choose deterministically.
+        ``contexts`` is an iterable of gate inputs, one per solve. The mean runs over the gate's
+        deterministic choices (:meth:`GaussianGate.deterministic`): one per context for
+        ``reduction="mean"``, one per sample for ``"none"``; so the fixed tolerance is the geometric
+        mean of the tolerances the gate would choose without exploration noise.
         """
         mean_log10 = gate.mean_log10_tolerance(contexts)
         return cls(10.0**mean_log10, gate.atol_ratio * 10.0**mean_log10)
@@ -253,13 +255,13 @@ class GaussianGate(TolerancePolicy):
 
     @torch.no_grad()
     def mean_log10_tolerance(self, contexts: Iterable[torch.Tensor]) -> float:
-        """Mean of the (clipped) ``mu`` over every sample of ``contexts``."""
+        """Mean of the deterministic (clipped) ``log10`` tolerance over ``contexts``, one per solve
+        (``reduction="mean"``) or per sample (``"none"``)."""
         total, count = 0.0, 0
         for context in contexts:
-            raw = self.net(context)
-            mu = (self.initial_log10 + raw[:, 0]).clamp(self.log10_low, self.log10_high)
-            total += float(mu.double().sum())
-            count += mu.numel()
+            chosen = self.deterministic(context, Progress()).log10_tolerance
+            total += float(chosen.double().sum())
+            count += chosen.numel()
         if count == 0:
             raise ValueError("contexts is empty: cannot estimate the gate's mean tolerance")
         return total / count

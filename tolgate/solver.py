@@ -42,6 +42,7 @@ class _CountingField(nn.Module):
         self.record = record
         self.in_backward = False
         self.last_t: torch.Tensor | None = None
+        self.last_dt: torch.Tensor | None = None
         self.last_output: State | None = None
 
     def forward(self, t: torch.Tensor, y: State) -> State:
@@ -70,7 +71,8 @@ class _CountingField(nn.Module):
             tensor.register_hook(hook)
 
     def callback_step(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None:
-        self.last_t = t0
+        # References only (no sync); read when a solve fails.
+        self.last_t, self.last_dt = t0, dt
 
     def callback_accept_step(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None:
         self.record.n_steps_accepted += 1
@@ -171,8 +173,8 @@ class GatedSolver(nn.Module):
         need the batch dimension first). ``context`` defaults to ``y0`` (its first tensor if a
         tuple). Returns ``(len(t), *y0.shape)`` (a tuple of such tensors for a tuple ``y0``).
         """
-        _check_state(y0)
         _check_times(t)
+        _check_state(y0, t)
         if context is None:
             context = y0[0] if isinstance(y0, tuple) else y0
         choice = self.choose_tolerance(context)
@@ -191,7 +193,9 @@ class GatedSolver(nn.Module):
             if self.adjoint:
                 ys = self._odeint_adjoint(field, y0, t, rtol, atol, adjoint_params)
             else:
-                ys = torchdiffeq.odeint(field, y0, t, rtol=rtol, atol=atol, method=self.method, options=self.options)
+                ys = torchdiffeq.odeint(
+                    field, y0, t, rtol=rtol, atol=atol, method=self.method, options=self.options
+                )
         except AssertionError as exc:
             raise _translate_failure(exc, field, record, self.options) from exc
         field.in_backward = True  # any later call comes from the adjoint solve in autograd's backward
@@ -200,10 +204,13 @@ class GatedSolver(nn.Module):
         return ys
 
     def _odeint_adjoint(self, field, y0, t, rtol, atol, adjoint_params):
-        if self.adjoint_tolerance is None:
-            adjoint_rtol, adjoint_atol = rtol, atol
-        else:
+        if self.adjoint_tolerance is not None:
             adjoint_rtol, adjoint_atol = self.adjoint_tolerance
+        else:
+            if adjoint_params is None:
+                adjoint_params = tuple(field.parameters())
+            adjoint_rtol = _adjoint_tolerance(rtol, adjoint_params)
+            adjoint_atol = _adjoint_tolerance(atol, adjoint_params)
         return torchdiffeq.odeint_adjoint(
             field,
             y0,
@@ -234,15 +241,20 @@ def set_progress(module: nn.Module, step: int, epoch: float) -> None:
         solver.progress = progress
 
 
-def _check_state(y0: State) -> None:
+def _check_state(y0: State, t: torch.Tensor) -> None:
     tensors = y0 if isinstance(y0, tuple) else (y0,)
     for k, tensor in enumerate(tensors):
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"y0 must be a tensor or a tuple of tensors; element {k} is {type(tensor).__name__}")
+            raise TypeError(
+                f"y0 must be a tensor or a tuple of tensors; element {k} is {type(tensor).__name__}"
+            )
         if not torch.is_floating_point(tensor):
             raise TypeError(f"y0 must be floating point; element {k} has dtype {tensor.dtype}")
         if not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteStateError(f"y0 (element {k}) contains NaN or inf at t0; nothing was solved")
+            raise NonFiniteStateError(
+                f"y0 (element {k}) contains NaN or inf at the initial time t={float(t[0]):.6g}; "
+                "nothing was solved"
+            )
 
 
 def _check_times(t: torch.Tensor) -> None:
@@ -274,6 +286,26 @@ def _per_element(tol: float | torch.Tensor, y0: State) -> float | torch.Tensor |
     return expanded[0]
 
 
+def _adjoint_tolerance(
+    tol: float | torch.Tensor | tuple[torch.Tensor, ...], adjoint_params: tuple[torch.Tensor, ...]
+) -> float | tuple[torch.Tensor, ...]:
+    """The forward solve's tolerance laid out for torchdiffeq's adjoint state.
+
+    The adjoint solves the tuple ``(t, y, adj_y, *adj_params)``, so a per-element tolerance must be
+    a tuple of that length: the per-element values for ``y`` and ``adj_y`` (flattened, as
+    torchdiffeq flattens tuple states) and, for the scalar time and the parameter adjoints that
+    every sample feeds, the tightest per-sample value.
+    """
+    if not isinstance(tol, (torch.Tensor, tuple)):
+        return tol
+    parts = (tol,) if isinstance(tol, torch.Tensor) else tol
+    per_element = torch.cat([part.reshape(-1) for part in parts])
+    tightest = per_element.min()
+    # torchdiffeq drops parameters that do not require grad from the adjoint state.
+    n_params = sum(1 for p in adjoint_params if p.requires_grad)
+    return (tightest, per_element, per_element) + (tightest,) * n_params
+
+
 def _translate_failure(
     exc: AssertionError, field: _CountingField, record: SolveRecord, options: dict[str, Any]
 ) -> SolveError:
@@ -281,7 +313,10 @@ def _translate_failure(
     t_reached = math.nan if field.last_t is None else float(field.last_t)
     record.t_reached = t_reached
     where = f"(solve with rtol={_short(record.rtol)}, {record.method}) at t={t_reached:.6g}"
-    if _last_output_non_finite(field.last_output) or "non-finite" in message:
+    # A NaN/inf stage makes the error ratio NaN; torchdiffeq then replaces the NaN step size by
+    # min_step (0 by default) and fails with "underflow in dt 0.0", so a zero step is a non-finite sign.
+    nan_step = field.last_dt is not None and not bool(field.last_dt > 0)
+    if nan_step or _last_output_non_finite(field.last_output) or "non-finite" in message:
         record.status = SolveStatus.NON_FINITE
         return NonFiniteStateError(f"the vector field produced NaN or inf {where}", record)
     if "max_num_steps" in message:
