@@ -3,7 +3,8 @@
 For each problem and tolerance (rtol = atol) every backend solves the whole batch with dopri5, and
 we record:
 
-* wall time of the batch solve (best of ``--repeats``; one CPU thread);
+* wall time of the batch solve (best of ``--repeats``, taken round-robin over the backends; one
+  CPU thread);
 * rows evaluated: the rows the vector field was given, summed over calls (a batch-level solver
   pays ``batch`` rows per evaluation), and that number divided by the *ideal*: the sum over
   samples of the NFE dopri5 needs for that sample alone (tolgate's per-sample NFE, which equals its
@@ -130,7 +131,7 @@ def mlp_field_problem(batch: int = 512, dim: int = 8, hidden: int = 64, seed: in
     return Problem(f"b: MLP field, batch {batch}", y0, t, reference, fields)
 
 
-class _Rows:
+class _RowCounter:
     """Wraps a field and counts the rows it is given."""
 
     def __init__(self, field: Callable) -> None:
@@ -142,7 +143,7 @@ class _Rows:
 
 
 def solve_tolgate(problem: Problem, indices: torch.Tensor, tol: float):
-    counter = _Rows(problem.fields(indices)[0])
+    counter = _RowCounter(problem.fields(indices)[0])
     ys, stats = solve_per_sample(counter, problem.y0[indices], problem.t, rtol=tol, atol=tol)
     if not bool(stats.succeeded.all()):
         raise RuntimeError(f"tolgate failed on {problem.name} at {tol}: {stats.status_counts()}")
@@ -150,13 +151,13 @@ def solve_tolgate(problem: Problem, indices: torch.Tensor, tol: float):
 
 
 def solve_torchdiffeq(problem: Problem, indices: torch.Tensor, tol: float):
-    counter = _Rows(problem.fields(indices)[1])
+    counter = _RowCounter(problem.fields(indices)[1])
     ys = torchdiffeq.odeint(counter, problem.y0[indices], problem.t, rtol=tol, atol=tol, method="dopri5")
     return ys, counter.rows, None
 
 
 def solve_torchode(problem: Problem, indices: torch.Tensor, tol: float):
-    counter = _Rows(problem.fields(indices)[2])
+    counter = _RowCounter(problem.fields(indices)[2])
     term = torchode.ODETerm(counter)
     controller = torchode.IntegralController(atol=tol, rtol=tol, term=term)
     solver = torchode.AutoDiffAdjoint(torchode.Dopri5(term=term), controller)
@@ -190,22 +191,31 @@ class Row:
     alone_rows_vs_tolgate_alone: float
 
 
+def wall_times(problem: Problem, backends: dict[str, Callable], tol: float, repeats: int) -> dict[str, float]:
+    """Best batch-solve time per backend; the repeats go round-robin over the backends, so a change
+    in the load of the (shared) machine hits every backend alike."""
+    everyone = torch.arange(problem.y0.shape[0])
+    best = dict.fromkeys(backends, float("inf"))
+    for _ in range(repeats):
+        for name, solve in backends.items():
+            start = time.perf_counter()
+            with torch.no_grad():
+                solve(problem, everyone, tol)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def measure(
     problem: Problem,
     backend: str,
     solve: Callable,
     tol: float,
-    repeats: int,
+    wall_s: float,
     subset: torch.Tensor,
     ideal: int,
 ):
-    everyone = torch.arange(problem.y0.shape[0])
-    walls = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        with torch.no_grad():
-            ys, rows, _ = solve(problem, everyone, tol)
-        walls.append(time.perf_counter() - start)
+    with torch.no_grad():
+        ys, rows, _ = solve(problem, torch.arange(problem.y0.shape[0]), tol)
     errors = per_sample_error(ys, problem.reference, tol)
     # The spread subset, plus this backend's worst sample in the batch (likely its worst ratio).
     spread = subset
@@ -222,7 +232,7 @@ def measure(
         problem=problem.name,
         backend=backend,
         tol=tol,
-        wall_s=min(walls),
+        wall_s=wall_s,
         rows_evaluated=rows,
         ideal_rows=ideal,
         evaluations_vs_ideal=rows / ideal,
@@ -260,10 +270,11 @@ def main() -> None:
             with torch.no_grad():
                 _, _, nfe = solve_tolgate(problem, torch.arange(batch), tol)
             ideal = int(nfe.sum())
+            walls = wall_times(problem, backends, tol, args.repeats)
             alone_rows = {}
             rows_here = []
             for name, solve in backends.items():
-                row, alone_rows[name] = measure(problem, name, solve, tol, args.repeats, subset, ideal)
+                row, alone_rows[name] = measure(problem, name, solve, tol, walls[name], subset, ideal)
                 rows_here.append(row)
             for row in rows_here:
                 row.alone_rows_vs_tolgate_alone = alone_rows[row.backend] / alone_rows["tolgate"]

@@ -219,9 +219,7 @@ def _crossing(
     return crossing, outputs_now
 
 
-def _in_solver_time(
-    field: Field, direction: float, time_dtype: torch.dtype, state_dtype: torch.dtype
-) -> Field:
+def _in_solver_time(field: Field, direction: float, time_dtype: torch.dtype, state_dtype: torch.dtype) -> Field:
     """The field as the loop sees it: time runs forward (``tau = direction * t``), and the user's
     field gets ``t`` in the state's dtype (as torchdiffeq does) while the loop keeps its own time
     in the promoted dtype."""
@@ -240,17 +238,13 @@ def _status_codes(done: torch.Tensor, underflow: torch.Tensor, error_sq: torch.T
     finite, or not finite; otherwise (neither) its step budget ran out."""
     failure = torch.where(
         underflow,
-        torch.where(
-            torch.isinf(error_sq), int(SampleStatus.NON_FINITE), int(SampleStatus.STEP_SIZE_UNDERFLOW)
-        ),
+        torch.where(torch.isinf(error_sq), int(SampleStatus.NON_FINITE), int(SampleStatus.STEP_SIZE_UNDERFLOW)),
         int(SampleStatus.STEP_BUDGET_EXCEEDED),
     )
     return torch.where(done, int(SampleStatus.SUCCESS), failure)
 
 
-def _failure(
-    code: int, sample: int, t_reached: float, t: torch.Tensor, max_num_steps: int | None
-) -> SolveError:
+def _failure(code: int, sample: int, t_reached: float, t: torch.Tensor, max_num_steps: int | None) -> SolveError:
     where = f"sample {sample} at t={t_reached:.6g} (solving from t={float(t[0]):.6g} to {float(t[-1]):.6g})"
     if code == SampleStatus.STEP_BUDGET_EXCEEDED:
         return StepBudgetExceeded(f"step budget max_num_steps={max_num_steps} exceeded by {where}")
@@ -315,9 +309,7 @@ def integrate(
     t_now = torch.full((active,), t_start, dtype=time_dtype, device=device)
     k0 = field(t_now, y, start)
     if k0.shape != y.shape:
-        raise ValueError(
-            f"the vector field returned shape {tuple(k0.shape)} for a state of shape {tuple(y.shape)}"
-        )
+        raise ValueError(f"the vector field returned shape {tuple(k0.shape)} for a state of shape {tuple(y.shape)}")
     rows = _Rows(
         idx=start,
         y=y,
