@@ -13,6 +13,7 @@ from .errors import (
     StepSizeUnderflow,
 )
 from .gates import ConvGate, MLPGate
+from .persample import PerSampleData, from_torchdiffeq, solve_per_sample
 from .policies import (
     FixedTolerance,
     GaussianGate,
@@ -23,6 +24,7 @@ from .policies import (
 )
 from .records import SolveRecord, SolveStatus
 from .reinforce import RunningMeanBaseline, cumulative_returns, reinforce_loss, solve_rewards
+from .sample_stats import PerSampleStats, SampleStatus
 from .solver import GatedSolver, gated_solvers, set_progress
 
 __all__ = [
@@ -33,8 +35,11 @@ __all__ = [
     "MLPGate",
     "NonFiniteStateError",
     "NonFiniteToleranceError",
+    "PerSampleData",
+    "PerSampleStats",
     "Progress",
     "RunningMeanBaseline",
+    "SampleStatus",
     "ScheduledTolerance",
     "SolveError",
     "SolveRecord",
@@ -44,8 +49,10 @@ __all__ = [
     "ToleranceChoice",
     "TolerancePolicy",
     "cumulative_returns",
+    "from_torchdiffeq",
     "gated_solvers",
     "reinforce_loss",
     "set_progress",
+    "solve_per_sample",
     "solve_rewards",
 ]

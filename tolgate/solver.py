@@ -19,6 +19,7 @@ import torchdiffeq
 from torch import nn
 
 from .errors import NonFiniteStateError, SolveError, StepBudgetExceeded, StepSizeUnderflow
+from .persample import solve_per_sample
 from .policies import FixedTolerance, Progress, ToleranceChoice, TolerancePolicy, validate_tolerance
 from .records import SolveRecord, SolveStatus
 
@@ -26,6 +27,13 @@ State = torch.Tensor | tuple[torch.Tensor, ...]
 VectorField = Callable[[torch.Tensor, State], State]
 
 ADAPTIVE_METHODS = ("dopri5", "bosh3", "fehlberg2", "adaptive_heun", "dopri8")
+BACKENDS = ("torchdiffeq", "tolgate")
+PER_SAMPLE_METHODS = ("dopri5", "bosh3", "tsit5")
+_STATUS_OF_ERROR = {
+    StepBudgetExceeded: SolveStatus.STEP_BUDGET_EXCEEDED,
+    StepSizeUnderflow: SolveStatus.STEP_SIZE_UNDERFLOW,
+    NonFiniteStateError: SolveStatus.NON_FINITE,
+}
 # Section 4.2 of the paper: evaluate with a fixed tight tolerance, never the sampled one.
 DEFAULT_EVAL_POLICY = FixedTolerance(1e-5)
 
@@ -45,12 +53,12 @@ class _CountingField(nn.Module):
         self.last_dt: torch.Tensor | None = None
         self.last_output: State | None = None
 
-    def forward(self, t: torch.Tensor, y: State) -> State:
+    def forward(self, t: torch.Tensor, y: State, *per_sample: torch.Tensor) -> State:
         if self.in_backward:
             self.record.nfe_backward += 1
         else:
             self.record.nfe_forward += 1
-        out = self.func(t, y)
+        out = self.func(t, y, *per_sample)  # per_sample: the row indices, for the per-sample backend
         self.last_output = out
         if not self.in_backward and torch.is_grad_enabled():
             self._count_vjp_when_backpropagated(out)
@@ -106,6 +114,14 @@ class GatedSolver(nn.Module):
         adjoint_options: options of the adjoint solve, e.g. ``{"norm": "seminorm"}``.
         max_records: how many :class:`SolveRecord` to keep in ``records`` (oldest dropped);
             ``None`` keeps all.
+        backend: ``"torchdiffeq"`` (one step size for the batch) or ``"tolgate"``: the native
+            per-sample solver of :mod:`tolgate.persample`, where every sample has its own step
+            size and tolerance (a ``(batch,)`` tolerance from a ``GaussianGate(reduction="none")``
+            is used as is) and the record carries ``nfe_per_sample``. With ``"tolgate"`` the field
+            follows the per-sample contract ``func(t (active,), y (active, ...), idx (active,))``
+            (wrap a torchdiffeq field with :func:`tolgate.persample.from_torchdiffeq`); methods
+            dopri5, bosh3, tsit5; no adjoint. Its ``nfe_forward`` counts calls of the field
+            (each on the rows still integrating); ``extra["rows_evaluated"]`` counts rows.
     """
 
     def __init__(
@@ -119,11 +135,19 @@ class GatedSolver(nn.Module):
         adjoint_tolerance: tuple[float, float] | None = None,
         adjoint_options: dict[str, Any] | None = None,
         max_records: int | None = 16,
+        backend: str = "torchdiffeq",
     ) -> None:
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "tolgate":
+            if method not in PER_SAMPLE_METHODS:
+                raise ValueError(f"backend 'tolgate' supports methods {PER_SAMPLE_METHODS}, got {method!r}")
+            if adjoint:
+                raise NotImplementedError("backend 'tolgate' has no adjoint: use adjoint=False (backpropagation)")
         if not isinstance(policy, TolerancePolicy):
             raise TypeError(f"policy must be a TolerancePolicy, got {type(policy).__name__}")
-        if method not in ADAPTIVE_METHODS:
+        if backend == "torchdiffeq" and method not in ADAPTIVE_METHODS:
             raise ValueError(f"method must be one of {ADAPTIVE_METHODS} (an adaptive method), got {method!r}")
         if max_num_steps is not None and max_num_steps < 1:
             raise ValueError(f"max_num_steps must be >= 1, got {max_num_steps!r}")
@@ -132,6 +156,8 @@ class GatedSolver(nn.Module):
             validate_tolerance(adjoint_tolerance[1], "adjoint atol")
         self.policy = policy
         self.eval_policy = eval_policy
+        self.backend = backend
+        self.max_num_steps = max_num_steps
         self.method = method
         self.adjoint = adjoint
         self.options = dict(options or {})
@@ -188,17 +214,44 @@ class GatedSolver(nn.Module):
         )
         self.records.append(record)
         field = _CountingField(func, record)
+        if self.backend == "tolgate":
+            return self._solve_per_sample(field, y0, t, choice, record)
         rtol, atol = _per_element(choice.rtol, y0), _per_element(choice.atol, y0)
         try:
             if self.adjoint:
                 ys = self._odeint_adjoint(field, y0, t, rtol, atol, adjoint_params)
             else:
-                ys = torchdiffeq.odeint(
-                    field, y0, t, rtol=rtol, atol=atol, method=self.method, options=self.options
-                )
+                ys = torchdiffeq.odeint(field, y0, t, rtol=rtol, atol=atol, method=self.method, options=self.options)
         except AssertionError as exc:
             raise _translate_failure(exc, field, record, self.options) from exc
         field.in_backward = True  # any later call comes from the adjoint solve in autograd's backward
+        record.status = SolveStatus.SUCCESS
+        record.t_reached = float(t[-1])
+        return ys
+
+    def _solve_per_sample(
+        self, field: _CountingField, y0: State, t: torch.Tensor, choice: ToleranceChoice, record: SolveRecord
+    ) -> State:
+        try:
+            ys, stats = solve_per_sample(
+                field,
+                y0,
+                t,
+                rtol=choice.rtol,
+                atol=choice.atol,
+                method=self.method,
+                max_num_steps=self.max_num_steps,
+                on_failure="raise",
+            )
+        except SolveError as exc:
+            record.status = _STATUS_OF_ERROR.get(type(exc), SolveStatus.NON_FINITE)
+            exc.record = record
+            raise
+        field.in_backward = True
+        record.nfe_per_sample = stats.nfe
+        record.n_steps_accepted = int(stats.n_accepted.sum())
+        record.n_steps_rejected = int(stats.n_rejected.sum())
+        record.extra["rows_evaluated"] = int(stats.rows_evaluated)
         record.status = SolveStatus.SUCCESS
         record.t_reached = float(t[-1])
         return ys
@@ -226,7 +279,7 @@ class GatedSolver(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}, adjoint={self.adjoint}"
+        return f"method={self.method!r}, adjoint={self.adjoint}, backend={self.backend!r}"
 
 
 def gated_solvers(module: nn.Module) -> Iterator[GatedSolver]:
@@ -245,15 +298,12 @@ def _check_state(y0: State, t: torch.Tensor) -> None:
     tensors = y0 if isinstance(y0, tuple) else (y0,)
     for k, tensor in enumerate(tensors):
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(
-                f"y0 must be a tensor or a tuple of tensors; element {k} is {type(tensor).__name__}"
-            )
+            raise TypeError(f"y0 must be a tensor or a tuple of tensors; element {k} is {type(tensor).__name__}")
         if not torch.is_floating_point(tensor):
             raise TypeError(f"y0 must be floating point; element {k} has dtype {tensor.dtype}")
         if not bool(torch.isfinite(tensor).all()):
             raise NonFiniteStateError(
-                f"y0 (element {k}) contains NaN or inf at the initial time t={float(t[0]):.6g}; "
-                "nothing was solved"
+                f"y0 (element {k}) contains NaN or inf at the initial time t={float(t[0]):.6g}; nothing was solved"
             )
 
 
