@@ -89,7 +89,8 @@ def test_deterministic_records_count_in_returns_but_add_no_term() -> None:
     log_prob = torch.tensor(-1.0, requires_grad=True)
     records = [record(10, log_prob=log_prob), record(1000)]  # second solve: a fixed tolerance
     loss = reinforce_loss(records, torch.tensor(0.0), alpha=2.0)
-    assert float(loss.detach()) == pytest.approx(-(-1.0) * -(1010.0))  # r_1 = -(0 + 1 * 1010)
+    # r_1 = -(0 + alpha/N * 1010) = -1010 and the surrogate is -(log p * r_1) = -(-1 * -1010).
+    assert float(loss.detach()) == pytest.approx(-1010.0)
     only_fixed = reinforce_loss([record(1000)], torch.tensor(0.0), alpha=2.0)
     assert float(only_fixed) == 0.0 and not only_fixed.requires_grad
 
