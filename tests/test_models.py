@@ -50,7 +50,9 @@ def vector_block(dim: int, divergence: str, noise: str = "rademacher", tol: floa
     with torch.no_grad():
         for p in field.parameters():
             p.mul_(2.0)
-    return CNFBlock(field, GatedSolver(FixedTolerance(tol), adjoint=adjoint), divergence, noise)
+    # the step budget turns a solve that never settles (noise re-drawn per evaluation) into a failure
+    solver = GatedSolver(FixedTolerance(tol), adjoint=adjoint, max_num_steps=2000)
+    return CNFBlock(field, solver, divergence, noise)
 
 
 def tiny_model(kind: str = "infocnf", image_shape=(1, 8, 8), tol: float = 1e-6, **overrides):
@@ -138,7 +140,8 @@ def test_hutchinson_noise_is_fixed_within_one_solve():
     """For f(z) = A z and a Rademacher draw e held for the whole solve, the estimate is exactly
     -e^T A e (t from 0 to 1): one of 2^(d-1) values. A draw per evaluation would average many."""
     matrix = torch.tensor([[0.3, 1.2, -0.7], [-0.4, 0.1, 0.9], [0.8, -1.1, -0.2]], dtype=torch.float64)
-    block = CNFBlock(LinearField(matrix), GatedSolver(FixedTolerance(1e-9)), "hutchinson", "rademacher")
+    solver = GatedSolver(FixedTolerance(1e-9), max_num_steps=2000)
+    block = CNFBlock(LinearField(matrix), solver, "hutchinson", "rademacher")
     with torch.no_grad():
         _, logp = block(torch.randn(64, 3, dtype=torch.float64))
     signs = torch.tensor([[1.0, a, b] for a in (-1, 1) for b in (-1, 1)], dtype=torch.float64)
