@@ -146,9 +146,9 @@ def test_adjoint_is_bitwise_raw_odeint_adjoint(tupled: bool) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("field", [MLPField(), Forced()], ids=["mlp", "forced"])
-def test_forward_nfe_matches_an_independent_counter_and_the_step_identity(method: str, field: nn.Module) -> None:
-    counted = Counted(field)
+@pytest.mark.parametrize("make_field", [MLPField, Forced], ids=["mlp", "forced"])
+def test_forward_nfe_matches_an_independent_counter_and_the_step_identity(method: str, make_field) -> None:
+    counted = Counted(make_field())
     solver = GatedSolver(FixedTolerance(1e-3), method=method)
     with torch.no_grad():
         solver(counted, torch.randn(4, 3, dtype=F64), torch.linspace(0, 1, 5, dtype=F64))
@@ -166,9 +166,9 @@ def test_forced_problem_really_exercises_rejected_steps() -> None:
     assert rec.nfe_forward == 2 + 6 * rec.n_steps == 2 + 6 * (rec.n_steps_accepted + rec.n_steps_rejected)
 
 
-@pytest.mark.parametrize("field", [MLPField(), Forced()], ids=["mlp", "forced"])
-def test_direct_backprop_counts_the_vjps_autograd_runs(field: nn.Module) -> None:
-    counted = Counted(field, tap=True)
+@pytest.mark.parametrize("make_field", [MLPField, Forced], ids=["mlp", "forced"])
+def test_direct_backprop_counts_the_vjps_autograd_runs(make_field) -> None:
+    counted = Counted(make_field(), tap=True)
     y0 = torch.randn(4, 3, dtype=F64, requires_grad=True)
     solver = GatedSolver(FixedTolerance(1e-5))
     ys = solver(counted, y0, torch.tensor([0.0, 2.0], dtype=F64))
@@ -177,8 +177,11 @@ def test_direct_backprop_counts_the_vjps_autograd_runs(field: nn.Module) -> None
     ys[-1].pow(2).sum().backward()
     assert counted.vjps > 0
     assert rec.nfe_backward == counted.vjps
-    # Rejected steps and the initial step-size probe never reach the loss.
-    assert rec.nfe_backward <= rec.nfe_forward - 1 - 6 * rec.n_steps_rejected
+    # A rejected step's evaluations never reach the loss (its only use, the next step size, is
+    # computed without grad). The initial step-size probe does when the first step size depends
+    # on it: torchdiffeq does not detach that one.
+    unreached = rec.nfe_forward - rec.nfe_backward
+    assert 6 * rec.n_steps_rejected <= unreached <= 6 * rec.n_steps_rejected + 1
 
 
 def test_adjoint_backward_nfe_matches_calls_during_backward() -> None:
@@ -199,6 +202,12 @@ def test_plain_function_field_under_adjoint_takes_adjoint_params() -> None:
     ys = solver(lambda t, y: y @ weight.T, torch.ones(1, 2, dtype=F64), T01, adjoint_params=(weight,))
     ys[-1].sum().backward()
     assert weight.grad is not None and solver.records[-1].nfe_backward > 0
+
+
+def test_plain_function_field_under_adjoint_without_params_is_a_type_error() -> None:
+    solver = GatedSolver(FixedTolerance(1e-6), adjoint=True)
+    with pytest.raises(TypeError, match="adjoint_params"):
+        solver(lambda t, y: -y, torch.ones(1, 2, dtype=F64), T01)
 
 
 def test_seminorm_reduces_backward_nfe() -> None:

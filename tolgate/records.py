@@ -37,8 +37,11 @@ class SolveRecord:
             backward pass, filled in when autograd's backward runs through the solve.
             With ``adjoint=True`` these are the evaluations of the augmented adjoint dynamics
             (each costs one forward and one VJP of the field). With direct backpropagation
-            it counts the forward evaluations whose graph autograd traversed (one VJP each);
-            that is ``nfe_forward`` minus evaluations whose outputs did not reach the loss.
+            it counts the forward evaluations whose graph autograd traversed (one VJP each):
+            every evaluation of an accepted step; none of a rejected step (it only sets the next
+            step size, computed without grad); the initial step-size probe only when the first
+            step size depends on it (torchdiffeq does not detach that one). Evaluations whose
+            outputs do not reach the loss cost no VJP and are not counted.
         n_steps_accepted, n_steps_rejected: steps of the forward solve. For dopri5,
             ``nfe_forward == 2 + 6 * (n_steps_accepted + n_steps_rejected)`` (FSAL, two
             evaluations for the initial step size).

@@ -129,7 +129,7 @@ def reinforce_loss(
     returns = cumulative_returns(task_loss, solve_rewards(records, include_backward, nfe_scale), alpha)
     advantages = returns - baseline.update(returns) if baseline is not None else returns
     terms = []
-    for record, advantage in zip(records, advantages):
+    for record, advantage in zip(records, advantages, strict=True):
         log_prob = record.log_prob
         if log_prob is None or not log_prob.requires_grad:
             continue

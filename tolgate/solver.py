@@ -38,22 +38,25 @@ _STATUS_OF_ERROR = {
 DEFAULT_EVAL_POLICY = FixedTolerance(1e-5)
 
 
-class _CountingField(nn.Module):
+class _CountingField:
     """The user's vector field, plus the counters torchdiffeq's callbacks and autograd feed.
 
-    The field itself is called unchanged, so outputs are bitwise those of a raw odeint call.
+    The field itself is called unchanged, so outputs are bitwise those of a raw odeint call. A
+    plain object with slots, not an ``nn.Module``: it is called once per evaluation, and module
+    call and attribute machinery there cost more than the counting itself.
     """
 
+    __slots__ = ("func", "record", "in_backward", "last_t", "last_dt", "last_output")
+
     def __init__(self, func: VectorField, record: SolveRecord) -> None:
-        super().__init__()
-        self.func = func  # registered as a submodule when it is one, so adjoint finds its parameters
+        self.func = func
         self.record = record
         self.in_backward = False
         self.last_t: torch.Tensor | None = None
         self.last_dt: torch.Tensor | None = None
         self.last_output: State | None = None
 
-    def forward(self, t: torch.Tensor, y: State, *per_sample: torch.Tensor) -> State:
+    def __call__(self, t: torch.Tensor, y: State, *per_sample: torch.Tensor) -> State:
         if self.in_backward:
             self.record.nfe_backward += 1
         else:
@@ -257,11 +260,16 @@ class GatedSolver(nn.Module):
         return ys
 
     def _odeint_adjoint(self, field, y0, t, rtol, atol, adjoint_params):
+        if adjoint_params is None:
+            if not isinstance(field.func, nn.Module):
+                raise TypeError(
+                    "adjoint=True needs the field's parameters: pass adjoint_params=(tensors...) for a "
+                    f"field that is not an nn.Module (got {type(field.func).__name__})"
+                )
+            adjoint_params = tuple(field.func.parameters())
         if self.adjoint_tolerance is not None:
             adjoint_rtol, adjoint_atol = self.adjoint_tolerance
         else:
-            if adjoint_params is None:
-                adjoint_params = tuple(field.parameters())
             adjoint_rtol = _adjoint_tolerance(rtol, adjoint_params)
             adjoint_atol = _adjoint_tolerance(atol, adjoint_params)
         return torchdiffeq.odeint_adjoint(
@@ -310,11 +318,14 @@ def _check_state(y0: State, t: torch.Tensor) -> None:
 def _check_times(t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() < 2:
         raise ValueError(f"t must be a 1-D tensor of at least two times, got {t!r}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"t must be finite, got {t.tolist()}")
-    steps = t[1:] - t[:-1]
-    if not (bool((steps > 0).all()) or bool((steps < 0).all())):
-        raise ValueError(f"t must be strictly increasing or strictly decreasing, got {t.tolist()}")
+    # One device-to-host copy, then plain Python: output grids are short, and a handful of tensor
+    # reductions here cost more than the copy (this runs on every solve).
+    times = t.tolist()
+    if not all(map(math.isfinite, times)):
+        raise ValueError(f"t must be finite, got {times}")
+    pairs = list(zip(times[:-1], times[1:], strict=True))
+    if not (all(a < b for a, b in pairs) or all(a > b for a, b in pairs)):
+        raise ValueError(f"t must be strictly increasing or strictly decreasing, got {times}")
 
 
 def _per_element(tol: float | torch.Tensor, y0: State) -> float | torch.Tensor | tuple[torch.Tensor, ...]:
