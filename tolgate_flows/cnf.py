@@ -27,9 +27,7 @@ DIVERGENCES = ("hutchinson", "exact")
 NOISES = ("rademacher", "gaussian")
 
 
-def hutchinson_divergence(
-    dz: torch.Tensor, z: torch.Tensor, noise: torch.Tensor, create_graph: bool
-) -> torch.Tensor:
+def hutchinson_divergence(dz: torch.Tensor, z: torch.Tensor, noise: torch.Tensor, create_graph: bool) -> torch.Tensor:
     """``eps^T (d dz / d z) eps`` per sample, shape ``(batch,)``; ``noise`` has ``z``'s shape."""
     (vjp,) = torch.autograd.grad(dz, z, noise, create_graph=create_graph, materialize_grads=True)
     return (vjp * noise).flatten(1).sum(dim=1)
@@ -64,9 +62,7 @@ class _AugmentedDynamics(nn.Module):
         self.divergence = divergence
         self.noise = noise
 
-    def forward(
-        self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         z = state[0]
         # The trace needs autograd even where the caller disabled it (evaluation, the forward
         # pass of the adjoint method); the graph is kept only when the caller will backpropagate.

@@ -204,9 +204,7 @@ class FlowModel(nn.Module):
             return out.log_px
         return torch.logsumexp(self.log_px_all_classes(out), dim=1) - math.log(self.config.n_classes)
 
-    def loss(
-        self, out: FlowOutput, y: torch.Tensor | None, beta: float, levels: int
-    ) -> tuple[torch.Tensor, LossParts]:
+    def loss(self, out: FlowOutput, y: torch.Tensor | None, beta: float, levels: int) -> tuple[torch.Tensor, LossParts]:
         """Eq. 4: ``J = bits/dim of x given y + beta * cross-entropy``, shape ``()``.
 
         The first term is the batch mean of :func:`bits_per_dim` (bits per dimension, with
@@ -231,8 +229,9 @@ class FlowModel(nn.Module):
         """
         batch = y.shape[0]
         param = next(self.parameters())
-        z_u = temperature * torch.randn(batch, self.dims - self.latent_split.zy_dims, device=param.device,
-                                        dtype=param.dtype)
+        z_u = temperature * torch.randn(
+            batch, self.dims - self.latent_split.zy_dims, device=param.device, dtype=param.dtype
+        )
         if self.conditional:
             self._check_labels(y, batch)
             z_y = self.prior.sample(y.to(param.device), temperature)
@@ -277,8 +276,9 @@ def build_model(
         odefunc = ConvODENet(channels, config.hidden, config.odefunc_layers, config.time_embedding)
         return CNFBlock(odefunc, solver, divergence=config.divergence, noise=config.noise)
 
-    flow = MultiscaleFlow(config.image_shape, config.resolved_n_scales, config.n_flows, make_block,
-                          alpha=config.logit_alpha)
+    flow = MultiscaleFlow(
+        config.image_shape, config.resolved_n_scales, config.n_flows, make_block, alpha=config.logit_alpha
+    )
     return FlowModel(config, flow)
 
 

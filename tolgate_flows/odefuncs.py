@@ -84,9 +84,7 @@ class ConvODENet(TimeDependentNet):
     """Image field: ``n_layers`` hidden 3x3 convs of width ``hidden`` and a 3x3 conv back to
     ``channels``. ``z``: ``(batch, channels, H, W)``; ``H, W`` are preserved (padding 1)."""
 
-    def __init__(
-        self, channels: int, hidden: int = 64, n_layers: int = 3, time: TimeEmbedding = "concat"
-    ) -> None:
+    def __init__(self, channels: int, hidden: int = 64, n_layers: int = 3, time: TimeEmbedding = "concat") -> None:
         _check_sizes(channels=channels, hidden=hidden, n_layers=n_layers)
         super().__init__(_conv3x3, [channels] + [hidden] * n_layers + [channels], time)
 
