@@ -96,6 +96,11 @@ def test_piecewise_rejects_bad_arguments(boundaries: list, values: list, message
         ScheduledTolerance.piecewise(boundaries, values)
 
 
+def test_schedule_rejects_a_bad_atol_ratio() -> None:
+    with pytest.raises(ValueError, match="nan"):
+        ScheduledTolerance(lambda epoch: 1e-5, atol_ratio=math.nan)
+
+
 def test_schedule_producing_an_invalid_tolerance_raises() -> None:
     policy = ScheduledTolerance(lambda epoch: 10.0**epoch)
     assert policy(CONTEXT, Progress(epoch=-2)).rtol == pytest.approx(1e-2)
@@ -214,6 +219,7 @@ def test_gate_network_with_wrong_output_shape_is_rejected() -> None:
         ({"low": 0.0}, "low"),
         ({"reduction": "sum"}, "'sum'"),
         ({"initial_std": 0.0}, "initial_std"),
+        ({"atol_ratio": 0.0}, "atol_ratio"),
     ],
 )
 def test_gate_rejects_bad_arguments(kwargs: dict, message: str) -> None:

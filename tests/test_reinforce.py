@@ -22,8 +22,14 @@ from tolgate import (
 
 def record(nfe_forward: float, nfe_backward: int = 0, log_prob: torch.Tensor | None = None, **kw) -> SolveRecord:
     return SolveRecord(
-        method="dopri5", adjoint=False, rtol=1e-5, atol=1e-5, nfe_forward=nfe_forward,
-        nfe_backward=nfe_backward, log_prob=log_prob, **kw,
+        method="dopri5",
+        adjoint=False,
+        rtol=1e-5,
+        atol=1e-5,
+        nfe_forward=nfe_forward,
+        nfe_backward=nfe_backward,
+        log_prob=log_prob,
+        **kw,
     )
 
 

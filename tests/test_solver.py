@@ -134,9 +134,7 @@ def test_adjoint_is_bitwise_raw_odeint_adjoint(tupled: bool) -> None:
     solver = GatedSolver(FixedTolerance(1e-5), adjoint=True, adjoint_options={"norm": "seminorm"})
     ours = as_tuple(solver(field, y0, t))
     grads_ours = torch.autograd.grad(sum(y.pow(2).sum() for y in ours), list(field.parameters()))
-    raw = as_tuple(
-        torchdiffeq.odeint_adjoint(field, y0, t, rtol=1e-5, atol=1e-5, adjoint_options={"norm": "seminorm"})
-    )
+    raw = as_tuple(torchdiffeq.odeint_adjoint(field, y0, t, rtol=1e-5, atol=1e-5, adjoint_options={"norm": "seminorm"}))
     grads_raw = torch.autograd.grad(sum(y.pow(2).sum() for y in raw), list(field.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(ours, raw, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(grads_ours, grads_raw, strict=True))

@@ -54,6 +54,11 @@ class ToleranceChoice:
     log_prob: torch.Tensor | None = None
 
 
+def _validate_atol_ratio(atol_ratio: float) -> None:
+    if not math.isfinite(atol_ratio) or atol_ratio <= 0:
+        raise ValueError(f"atol_ratio must be finite and > 0, got {atol_ratio!r}")
+
+
 def validate_tolerance(value: Tolerance, name: str) -> None:
     """Raise ``ValueError`` unless every element of ``value`` is finite and in ``(0, 1]``."""
     if isinstance(value, torch.Tensor):
@@ -125,6 +130,7 @@ class ScheduledTolerance(TolerancePolicy):
     ) -> None:
         super().__init__()
         Progress().value(unit)  # validates the unit
+        _validate_atol_ratio(atol_ratio)
         self.schedule, self.unit, self.atol_ratio = schedule, unit, atol_ratio
 
     def forward(self, context: torch.Tensor, progress: Progress) -> ToleranceChoice:
@@ -211,6 +217,7 @@ class GaussianGate(TolerancePolicy):
         self.log10_low, self.log10_high = math.log10(low), math.log10(high)
         self.reduction = reduction
         self.initial_log10, self.initial_log_std = float(initial_log10), math.log(initial_std)
+        _validate_atol_ratio(atol_ratio)
         self.atol_ratio = float(atol_ratio)
 
     def freeze(self) -> GaussianGate:

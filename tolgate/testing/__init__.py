@@ -7,7 +7,7 @@ live in :mod:`tolgate.testing.strategies` (it needs ``hypothesis``, the ``test``
 """
 
 from .compare import Comparison, compare_with_reference, normalized_error, reference_solution
-from .problems import DampedPendulum, LinearField, LotkaVolterra, ODEProblem, VectorField
+from .problems import DampedPendulum, LinearField, LotkaVolterra, ODEProblem, VectorField, stable_linear_matrix
 
 __all__ = [
     "Comparison",
@@ -19,4 +19,5 @@ __all__ = [
     "compare_with_reference",
     "normalized_error",
     "reference_solution",
+    "stable_linear_matrix",
 ]

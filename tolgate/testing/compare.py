@@ -84,9 +84,7 @@ def reference_solution(field: VectorField, y0: torch.Tensor, t: torch.Tensor) ->
 def normalized_error(solution: torch.Tensor, reference: torch.Tensor, rtol: float, atol: float) -> float:
     """``max |solution - reference| / (atol + rtol * |reference|)`` over all elements (same shapes)."""
     if solution.shape != reference.shape:
-        raise ValueError(
-            f"shapes differ: solution {tuple(solution.shape)}, reference {tuple(reference.shape)}"
-        )
+        raise ValueError(f"shapes differ: solution {tuple(solution.shape)}, reference {tuple(reference.shape)}")
     reference = reference.to(torch.float64)
     scale = atol + rtol * reference.abs()
     return float(((solution.detach().to(torch.float64).cpu() - reference) / scale).abs().max())

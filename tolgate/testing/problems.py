@@ -15,6 +15,16 @@ import torch
 VectorField = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def stable_linear_matrix(rotation: torch.Tensor, damping: torch.Tensor, decay: float) -> torch.Tensor:
+    """``A = (R - R^T) - D D^T / dim - decay * I``: every eigenvalue has ``Re <= -decay``.
+
+    ``rotation``, ``damping``: ``(dim, dim)`` (entries in [-1, 1] keep ``A`` non-stiff). The
+    skew part rotates, ``-D D^T`` is negative semi-definite, and the shift makes solutions decay.
+    """
+    dim = rotation.shape[0]
+    return (rotation - rotation.T) - damping @ damping.T / dim - decay * torch.eye(dim, dtype=rotation.dtype)
+
+
 @dataclass(frozen=True)
 class LinearField:
     """``dy/dt = y @ matrix.T``; ``matrix: (dim, dim)``."""
@@ -50,9 +60,7 @@ class DampedPendulum:
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         angle, velocity = y[..., 0], y[..., 1]
-        return torch.stack(
-            [velocity, -self.g_over_length * torch.sin(angle) - self.damping * velocity], dim=-1
-        )
+        return torch.stack([velocity, -self.g_over_length * torch.sin(angle) - self.damping * velocity], dim=-1)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import torch
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from .problems import DampedPendulum, LinearField, LotkaVolterra, ODEProblem
+from .problems import DampedPendulum, LinearField, LotkaVolterra, ODEProblem, stable_linear_matrix
 
 ADAPTIVE_METHODS = ("dopri5", "bosh3", "fehlberg2", "adaptive_heun")
 
@@ -56,25 +56,22 @@ def _unit_arrays(shape: tuple[int, ...]) -> st.SearchStrategy[np.ndarray]:
 
 
 @st.composite
-def stable_linear_systems(
-    draw: st.DrawFn, min_dim: int = 1, max_dim: int = 8, max_time: float = 2.0
-) -> ODEProblem:
+def stable_linear_systems(draw: st.DrawFn, min_dim: int = 1, max_dim: int = 8, max_time: float = 2.0) -> ODEProblem:
     """``dy/dt = A y`` with every eigenvalue of ``A`` in ``Re <= -decay`` (``decay`` in [0.1, 1]).
 
-    ``A = (B - B^T) - C C^T / dim - decay * I`` with ``B``, ``C`` entries in ``[-1, 1]``: a rotation
-    part, a negative semi-definite part, and a shift, so solutions decay and may oscillate. The
-    spectral radius stays below about ``2 * dim``, so the systems are not stiff.
+    ``A`` is :func:`~tolgate.testing.problems.stable_linear_matrix` of entries in ``[-1, 1]``: a
+    rotation, a negative semi-definite part and a shift, so solutions decay and may oscillate.
+    The spectral radius stays below about ``2 * dim``, so the systems are not stiff.
     """
     dim = draw(st.integers(min_dim, max_dim))
-    rotation = draw(_unit_arrays((dim, dim)))
-    damping = draw(_unit_arrays((dim, dim)))
-    decay = draw(st.floats(0.1, 1.0))
-    matrix = (rotation - rotation.T) - damping @ damping.T / dim - decay * np.eye(dim)
+    rotation = torch.from_numpy(draw(_unit_arrays((dim, dim))))
+    damping = torch.from_numpy(draw(_unit_arrays((dim, dim))))
+    matrix = stable_linear_matrix(rotation, damping, draw(st.floats(0.1, 1.0)))
     # A zero initial state stays zero; keep the problem non-trivial.
     y0 = draw(arrays(np.float64, (dim,), elements=st.floats(-2.0, 2.0)).filter(lambda y: np.abs(y).max() >= 0.1))
     return ODEProblem(
         name=f"linear{dim}",
-        field=LinearField(torch.from_numpy(matrix)),
+        field=LinearField(matrix),
         y0=torch.from_numpy(y0),
         t=draw(_times(max_time)),
     )
