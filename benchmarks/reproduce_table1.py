@@ -60,6 +60,10 @@ ROWS: dict[str, tuple[str, list[str]]] = {
         ["--model", "cnf", "--tolerance", "fixed", "--train-tol", "1e-5"],
     ),
     "8b-cnf-learned": ("CNF (unconditional), learned", ["--model", "cnf", "--tolerance", "learned"]),
+    "9-infocnf-learned-per-sample": (
+        "InfoCNF, learned per-sample tolerances, per-sample solver (issue 6)",
+        ["--model", "infocnf", "--tolerance", "learned", "--backend", "tolgate"],
+    ),
 }
 # Issue 4's "principled changes to the estimator", run after the main grid.
 VARIANTS: dict[str, tuple[str, list[str]]] = {

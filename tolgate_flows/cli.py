@@ -51,6 +51,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n-scales", type=int)
     p.add_argument("--method", choices=["dopri5", "bosh3", "fehlberg2", "adaptive_heun"])
     p.add_argument("--adjoint", action="store_true", default=None)
+    p.add_argument(
+        "--backend",
+        choices=["torchdiffeq", "tolgate"],
+        help="tolgate: per-sample step sizes and (with learned gates) per-sample tolerances",
+    )
     p.add_argument("--seminorm", action="store_true", default=None, help="seminorm adjoint (needs --adjoint)")
     p.add_argument("--noise", choices=["rademacher", "gaussian"])
     p.add_argument("--zy-fraction", type=float)

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from tolgate import GatedSolver
+from tolgate import GatedSolver, PerSampleData, from_torchdiffeq
 
 Divergence = Literal["hutchinson", "exact"]
 Noise = Literal["rademacher", "gaussian"]
@@ -54,16 +54,25 @@ class _AugmentedDynamics(nn.Module):
 
     A fresh instance per solve, so the adjoint solve (run later by autograd) sees the same
     noise even if the block has been called again in between.
+
+    Under the per-sample backend (``GatedSolver(backend="tolgate")``) it is called as
+    ``(t (active,), state, idx (active,))`` on the rows still integrating: the noise follows
+    its sample through ``noise[idx]`` and each row sees its own time.
     """
 
     def __init__(self, odefunc: nn.Module, divergence: Divergence, noise: torch.Tensor | None) -> None:
         super().__init__()
         self.odefunc = odefunc
         self.divergence = divergence
-        self.noise = noise
+        self.noise = None if noise is None else PerSampleData(noise)
 
-    def forward(self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         z = state[0]
+        noise = None if self.noise is None else self.noise.data if idx is None else self.noise[idx]
+        if idx is not None:
+            t = per_row_time(t, z)
         # The trace needs autograd even where the caller disabled it (evaluation, the forward
         # pass of the adjoint method); the graph is kept only when the caller will backpropagate.
         create_graph = torch.is_grad_enabled()
@@ -74,10 +83,15 @@ class _AugmentedDynamics(nn.Module):
             if self.divergence == "exact":
                 div = exact_divergence(dz, z, create_graph)
             else:
-                div = hutchinson_divergence(dz, z, self.noise, create_graph)
+                div = hutchinson_divergence(dz, z, noise, create_graph)
         if not create_graph:
             dz, div = dz.detach(), div.detach()
         return dz, -div
+
+
+def per_row_time(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Per-sample times ``(active,)`` shaped ``(active, 1, ...)`` to broadcast against ``z``."""
+    return t.reshape(-1, *([1] * (z.dim() - 1)))
 
 
 class CNFBlock(nn.Module):
@@ -142,7 +156,8 @@ class CNFBlock(nn.Module):
         """Flow ``z`` ``(batch, *state)`` through the block without the log-density (no trace):
         half the cost, for decoding and sampling. Same solver, so the solve is recorded."""
         times = torch.tensor([1.0, 0.0] if reverse else [0.0, 1.0], dtype=z.dtype, device=z.device)
-        return self.solver(self.odefunc, z, times, context=z)[-1]
+        field = self.odefunc if self.solver.backend == "torchdiffeq" else from_torchdiffeq(self.odefunc)
+        return self.solver(field, z, times, context=z)[-1]
 
     def _draw_noise(self, z: torch.Tensor) -> torch.Tensor:
         if self.noise == "rademacher":

@@ -54,7 +54,8 @@ class ModelConfig:
     ``n_scales=None`` adapts to the image (8x8: 2, 28x28: 3, 32x32: 4). ``n_flows`` CNF blocks
     sit on each side of every squeeze. ``zy_fraction``/``zy_location`` apply to ``"infocnf"``
     only. ``odefunc_layers`` hidden convs of width ``hidden`` per block's field.
-    ``max_num_steps``: step budget per solve (None: unlimited).
+    ``max_num_steps``: step budget per solve (None: unlimited). ``backend``: ``"torchdiffeq"``
+    (one step size per batch) or ``"tolgate"`` (every sample its own step size and tolerance).
     """
 
     kind: ModelKind = "infocnf"
@@ -72,6 +73,7 @@ class ModelConfig:
     method: str = "dopri5"
     adjoint: bool = False
     max_num_steps: int | None = None
+    backend: str = "torchdiffeq"
     logit_alpha: float = 1e-6
     dropout: float = 0.5
 
@@ -272,6 +274,7 @@ def build_model(
             adjoint=config.adjoint,
             max_num_steps=config.max_num_steps,
             eval_policy=eval_policy,
+            backend=config.backend,
         )
         odefunc = ConvODENet(channels, config.hidden, config.odefunc_layers, config.time_embedding)
         return CNFBlock(odefunc, solver, divergence=config.divergence, noise=config.noise)

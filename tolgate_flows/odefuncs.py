@@ -49,8 +49,9 @@ class TimeLayer(nn.Module):
         if self.time == "concat":
             return self.layer(torch.cat([x, torch.ones_like(x[:, :1]) * t], dim=1))
         out = self.layer(x)
-        per_channel = (1, out.shape[1]) + (1,) * (out.dim() - 2)
-        t_in = t.reshape(1, 1)
+        # t: a scalar, or per-sample times (batch, 1, ...) under the per-sample backend
+        per_channel = (-1, out.shape[1]) + (1,) * (out.dim() - 2)
+        t_in = t.reshape(-1, 1)
         gate = torch.sigmoid(self.time_gate(t_in)).view(per_channel)
         return out * gate + self.time_shift(t_in).view(per_channel)
 

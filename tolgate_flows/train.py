@@ -86,6 +86,7 @@ class TrainConfig:
     method: str = "dopri5"
     adjoint: bool = False
     seminorm: bool = False
+    backend: str = "torchdiffeq"
     noise: str = "rademacher"
     time_embedding: str = "concat"
     zy_fraction: float = 0.5
@@ -167,7 +168,9 @@ def policy_factory(config: TrainConfig):
             if index >= len(config.gate_mean_log10):
                 raise ValueError(f"gate_mean_log10 has {len(config.gate_mean_log10)} entries; block {index} has none")
             return FixedTolerance(10.0 ** config.gate_mean_log10[index])
-        gate = GaussianGate(ConvGate(channels), initial_log10=math.log10(config.train_tol))
+        # The per-sample backend takes one tolerance per sample; torchdiffeq one per solve (the paper's).
+        reduction = "none" if config.backend == "tolgate" else "mean"
+        gate = GaussianGate(ConvGate(channels), initial_log10=math.log10(config.train_tol), reduction=reduction)
         return gate.freeze() if mode == "frozen" else gate
 
     return make
@@ -212,6 +215,7 @@ def build(config: TrainConfig, image_shape: tuple[int, int, int], n_classes: int
         zy_location=config.zy_location,
         method=config.method,
         adjoint=config.adjoint,
+        backend=config.backend,
     )
     model = build_model(model_config, policy_factory(config), eval_policy=FixedTolerance(config.eval_tol))
     if config.seminorm:
@@ -345,6 +349,7 @@ def _epoch_accumulator(n_blocks: int) -> dict:
         "errors": 0.0,
         "seconds": 0.0,
         "nfe_forward": 0.0,
+        "nfe_sample_mean": 0.0,
         "nfe_backward": 0.0,
         "nfe_forward_block": [0.0] * n_blocks,
         "nfe_backward_block": [0.0] * n_blocks,
@@ -363,6 +368,7 @@ def _finish_epoch(acc: dict, ranks: Dist, device: torch.device) -> dict:
         acc["errors"],
         acc["nfe_forward"],
         acc["nfe_backward"],
+        acc["nfe_sample_mean"],
         *acc["nfe_forward_block"],
         *acc["nfe_backward_block"],
     ]
@@ -388,8 +394,9 @@ def _finish_epoch(acc: dict, ranks: Dist, device: torch.device) -> dict:
         # NFE per iteration, summed over blocks, averaged over every rank's iterations.
         "nfe_forward": summed[6] * per_iter,
         "nfe_backward": summed[7] * per_iter,
-        "nfe_forward_per_block": [v * per_iter for v in summed[8 : 8 + n_blocks]],
-        "nfe_backward_per_block": [v * per_iter for v in summed[8 + n_blocks :]],
+        "nfe_forward_sample_mean": summed[8] * per_iter,
+        "nfe_forward_per_block": [v * per_iter for v in summed[9 : 9 + n_blocks]],
+        "nfe_backward_per_block": [v * per_iter for v in summed[9 + n_blocks :]],
         "nfe_forward_per_rank": ranks.gather(acc["nfe_forward"] / max(acc["iters"], 1), device),
         "tol_log10_mean": tol_mean,
         "tol_log10_std": tol_std,
@@ -553,8 +560,9 @@ def run(config: TrainConfig, resume: bool = False, stop_after_batches: int | Non
                     acc["nfe_backward_block"][k] += rec.nfe_backward
                     acc["nfe_forward"] += rec.nfe_forward
                     acc["nfe_backward"] += rec.nfe_backward
+                    acc["nfe_sample_mean"] += mean_sample_nfe(rec)
                     if rec.log10_tolerance is not None:
-                        acc["log10_tol"][k].append(float(rec.log10_tolerance.float().mean()))
+                        acc["log10_tol"][k].extend(rec.log10_tolerance.float().flatten().tolist())
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{float(loss.detach()):.3f}",
@@ -615,6 +623,15 @@ def run(config: TrainConfig, resume: bool = False, stop_after_batches: int | Non
     if ranks.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def mean_sample_nfe(record) -> float:
+    """Evaluations per sample: the forward NFE under torchdiffeq (every row is evaluated at every
+    call); under the per-sample backend the mean of the samples' own NFE, i.e. rows evaluated
+    divided by the batch, the quantity comparable across backends."""
+    if record.nfe_per_sample is None:
+        return float(record.nfe_forward)
+    return float(record.nfe_per_sample.double().mean())
 
 
 def _mean_tol(records) -> float:
