@@ -90,6 +90,7 @@ PAPER = {
 def run_one(name: str, flags: list[str], seed: int, args: argparse.Namespace) -> str:
     out = Path(args.out) / f"{name}-seed{seed}"
     if (out / "summary.json").exists():
+        _collect(out, seed, args)
         return f"{out.name}: done before"
     extra = list(flags)
     if "gate-mean" in flags:
@@ -127,6 +128,12 @@ def run_one(name: str, flags: list[str], seed: int, args: argparse.Namespace) ->
         )
     if done.returncode != 0:
         return f"{out.name}: FAILED (exit {done.returncode}), see {out / 'stdout.log'}"
+    _collect(out, seed, args)
+    return f"{out.name}: finished"
+
+
+def _collect(out: Path, seed: int, args: argparse.Namespace) -> None:
+    """Copy a finished run's JSON (and, for the first seed, its figures) to the results folder."""
     dest = Path(args.results) / out.name
     dest.mkdir(parents=True, exist_ok=True)
     for file in ("summary.json", "metrics.jsonl", "config.json"):
@@ -134,7 +141,6 @@ def run_one(name: str, flags: list[str], seed: int, args: argparse.Namespace) ->
     for file in ("tolerances.png", "samples.png", "curves.png"):
         if (out / file).exists() and seed == args.seeds[0]:
             shutil.copy(out / file, dest / file)
-    return f"{out.name}: finished"
 
 
 def load_summaries(results: Path, rows: dict) -> dict[str, list[dict]]:
@@ -153,7 +159,8 @@ def main() -> None:
     p.add_argument("--preset", default="grid")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--rows", nargs="*", help="subset of rows (default: all, then the estimator variants)")
+    p.add_argument("--rows", nargs="*", help="subset of rows (default: the main grid; see --variants)")
+    p.add_argument("--variants", action="store_true", help="run the estimator variants instead of the main grid")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (one CPU thread each)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report-only", action="store_true")
@@ -161,7 +168,7 @@ def main() -> None:
     args = p.parse_args()
     all_rows = {**ROWS, **VARIANTS}
     if not args.report_only:
-        names = args.rows or list(all_rows)
+        names = args.rows or list(VARIANTS if args.variants else ROWS)
         # learned runs first: the gate-mean rows read their gates' means
         order = sorted(names, key=lambda n: 0 if n.startswith("3-") else 2 if n.startswith("4-") else 1)
         jobs = [(n, s) for s in args.seeds for n in order]

@@ -534,11 +534,17 @@ def run(config: TrainConfig, resume: bool = False, stop_after_batches: int | Non
                 loss, parts = model.loss(output, y, config.beta, dataset.levels)
                 records = [s.records[-1] for s in solvers]
                 optimizer.zero_grad(set_to_none=True)
+                # Per-sample tolerances are credited with each sample's own objective and NFE.
+                reward_loss = (
+                    per_sample_objective(model, output, y, config.beta, dataset.levels)
+                    if (config.backend == "tolgate")
+                    else loss
+                )
                 if learned and config.reward_backward_nfe:
                     loss.backward()
-                    reinforce_loss(records, loss, config.alpha, baseline, include_backward=True).backward()
+                    reinforce_loss(records, reward_loss, config.alpha, baseline, include_backward=True).backward()
                 elif learned:
-                    (loss + reinforce_loss(records, loss, config.alpha, baseline)).backward()
+                    (loss + reinforce_loss(records, reward_loss, config.alpha, baseline)).backward()
                 else:
                     loss.backward()
                 average_gradients(model, ranks)
@@ -623,6 +629,14 @@ def run(config: TrainConfig, resume: bool = False, stop_after_batches: int | Non
     if ranks.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def per_sample_objective(model: FlowModel, output, y, beta: float, levels: int) -> torch.Tensor:
+    """Eq. 4 per sample, ``(batch,)``: bits/dim of x given y plus beta times its cross-entropy (nats)."""
+    objective = bits_per_dim(output.log_px, model.dims, levels)
+    if output.logits is not None:
+        objective = objective + beta * torch.nn.functional.cross_entropy(output.logits, y, reduction="none")
+    return objective.detach()
 
 
 def mean_sample_nfe(record) -> float:
