@@ -161,8 +161,10 @@ def plot(result: dict, mixture: GaussianMixture1D, path: Path) -> None:
     tols = [r["tolerance"] for r in rows]
     fig, (ax, ax_density) = plt.subplots(1, 2, figsize=(10, 4))
     ax.loglog(tols, [max(r["riemann_error"], 1e-16) for r in rows], "o-", label="Riemann sum (grid, one batch)")
-    if rows and "quad_error" in rows[0]:
-        ax.loglog(tols, [max(r["quad_error"], 1e-16) for r in rows], "s--", label="scipy quad (real line)")
+    quad_rows = [r for r in rows if "quad_error" in r]
+    if quad_rows:
+        quad_tols = [r["tolerance"] for r in quad_rows]
+        ax.loglog(quad_tols, [max(r["quad_error"], 1e-16) for r in quad_rows], "s", label="scipy quad (real line)")
     learned = result["learned"]
     ax.loglog([learned["tolerance"]], [max(learned["riemann_error"], 1e-16)], "r*", ms=14, label="learned (gate mean)")
     ax.axhline(1e-3, color="gray", lw=0.8, ls=":")
@@ -183,9 +185,9 @@ def plot(result: dict, mixture: GaussianMixture1D, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--iterations", type=int, default=600)
+    parser.add_argument("--iterations", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--alpha", type=float, default=1e-3, help="REINFORCE price per forward evaluation")
     parser.add_argument("--gate-init", type=float, default=-5.0, help="initial log10 tolerance of the gate")
@@ -200,7 +202,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this size)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--out", type=Path, default=RESULTS / "density_integral.json")
     parser.add_argument("--png", type=Path, default=RESULTS / "density_integral.png")
     args = parser.parse_args()
