@@ -225,17 +225,15 @@ class LatentODE(nn.Module):
         ``None`` (pass it to compare models on the same draw).
         """
         if x.dim() != 3 or x.shape[1] != t.shape[0]:
-            raise ValueError(
-                f"x must be (batch, len(t), obs_dim); got x {tuple(x.shape)} and t {tuple(t.shape)}"
-            )
+            raise ValueError(f"x must be (batch, len(t), obs_dim); got x {tuple(x.shape)} and t {tuple(t.shape)}")
         mean_q, logvar_q = self.encode(x)
         if eps is None:
             eps = torch.randn_like(mean_q)
         z0 = mean_q + eps * (0.5 * logvar_q).exp()
         x_mean = self.decode(z0, t)
-        log_likelihood = (
-            -0.5 * ((x - x_mean) / self.obs_std).pow(2) - math.log(self.obs_std) - 0.5 * LOG_2PI
-        ).sum(dim=(1, 2))
+        log_likelihood = (-0.5 * ((x - x_mean) / self.obs_std).pow(2) - math.log(self.obs_std) - 0.5 * LOG_2PI).sum(
+            dim=(1, 2)
+        )
         mean_p, logvar_p = self.prior(y, x.shape[0], x)
         kl = gaussian_kl(mean_q, logvar_q, mean_p, logvar_p)
         elbo = log_likelihood - kl
