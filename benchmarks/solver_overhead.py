@@ -14,9 +14,10 @@ Cases (float32, dopri5, rtol = atol = 1e-5, t = [0, 1]):
 Each case is timed in two modes: ``forward`` (under ``torch.no_grad()``) and ``train`` (forward
 plus ``backward()`` of a scalar loss, direct backpropagation). Repeats are interleaved in one
 process, raw and gated alternating which goes first, and the ratio reported is the median over
-repeats of (gated time / raw time) of the same repeat; medians of each are reported too.
+repeats of (gated time / raw time) of the same repeat, with its quartiles (the spread that load
+from other processes adds); medians of each time are reported too.
 
-Run: ``python benchmarks/solver_overhead.py`` (about 2 minutes on 2 cores); writes
+Run: ``python benchmarks/solver_overhead.py`` (about 3 minutes on 2 cores); writes
 ``docs/results/solver_overhead.json`` and prints a table.
 """
 
@@ -125,6 +126,7 @@ def measure(name: str, train: bool, repeats: int) -> dict:
         "mode": "train" if train else "forward",
         "repeats": repeats,
         "median_ratio": statistics.median(ratios),
+        "ratio_quartiles": [q for i, q in enumerate(statistics.quantiles(ratios, n=4)) if i != 1],
         "ratio_of_medians": statistics.median(gated_times) / statistics.median(raw_times),
         "median_raw_s": statistics.median(raw_times),
         "median_gated_s": statistics.median(gated_times),
@@ -136,7 +138,7 @@ def measure(name: str, train: bool, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=41)
+    parser.add_argument("--repeats", type=int, default=101)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cases", nargs="+", default=["mlp", "conv"])
     parser.add_argument("--out", type=Path, default=Path("docs/results/solver_overhead.json"))
@@ -144,11 +146,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = [measure(name, train, args.repeats) for name in args.cases for train in (False, True)]
-    print(f"{'case':6} {'mode':8} {'median ratio':>12} {'raw ms':>8} {'gated ms':>9} {'NFE raw':>8} {'NFE gated':>9}")
+    header = f"{'case':6} {'mode':8} {'median ratio':>12} {'quartiles':>15} {'raw ms':>8} {'gated ms':>9}"
+    print(f"{header} {'NFE raw':>8} {'NFE gated':>9}")
     for row in rows:
+        q1, q3 = row["ratio_quartiles"]
         print(
-            f"{row['case']:6} {row['mode']:8} {row['median_ratio']:12.4f} {1e3 * row['median_raw_s']:8.2f} "
-            f"{1e3 * row['median_gated_s']:9.2f} {row['nfe_raw']:8d} {row['nfe_gated']:9d}"
+            f"{row['case']:6} {row['mode']:8} {row['median_ratio']:12.4f} {q1:7.3f}-{q3:7.3f} "
+            f"{1e3 * row['median_raw_s']:8.2f} {1e3 * row['median_gated_s']:9.2f} {row['nfe_raw']:8d} "
+            f"{row['nfe_gated']:9d}"
         )
     result = {
         "command": "python " + " ".join(sys.argv),
