@@ -1,7 +1,7 @@
 """Compare a tolgate solve with a tight scipy reference, in units of the requested tolerance.
 
 The reference is ``scipy.integrate.solve_ivp(method="DOP853", rtol=1e-13, atol=1e-13)``, whose own
-error is about four orders of magnitude below the tightest tolerance tested (1e-9). The error is
+error is three to four orders of magnitude below the tightest tolerance tested (1e-9). The error is
 reported the way scipy's own tests report it: divided elementwise by ``atol + rtol * |y_ref|``, so
 1.0 means "off by exactly the tolerance" at that time and component.
 
@@ -9,12 +9,16 @@ Example (a property test of your own vector field)::
 
     from hypothesis import given
     from tolgate.testing import compare_with_reference
-    from tolgate.testing.strategies import adaptive_methods, tolerances
+    from tolgate.testing.strategies import tolerances
 
-    @given(method=adaptive_methods(), rtol=tolerances())
-    def test_my_field(method, rtol):
-        result = compare_with_reference(my_field, y0, t, method, rtol)
-        assert result.error <= 100.0
+    @given(rtol=tolerances())
+    def test_my_field(rtol):
+        result = compare_with_reference(my_field, y0, t, "dopri5", rtol)
+        assert result.error <= 200.0
+
+Global error is a multiple of the tolerance that depends on the method (dopri5 stayed within 39
+on tolgate's benchmark problems; bosh3 and fehlberg2 need far larger bounds): see
+``docs/tolgate.md`` and ``tests/test_accuracy.py`` for measured values and their reasons.
 """
 
 from __future__ import annotations

@@ -1,17 +1,18 @@
 """Hypothesis strategies for ODE problems, tolerances and methods (needs ``pip install hypothesis``).
 
-Every problem is float64 and non-stiff, so an explicit adaptive method solves it in a modest
-number of steps at any tolerance in ``[1e-9, 1e-3]``::
+Every problem is float64 and non-stiff, so any explicit adaptive method solves it at any tolerance
+in ``[1e-9, 1e-3]`` (dopri5 in a few hundred evaluations; the second-order methods need ~10^4 steps
+per unit time at 1e-9, so keep their tolerances looser in quick tests)::
 
     from hypothesis import given, settings
     from tolgate.testing import compare_with_reference
-    from tolgate.testing.strategies import adaptive_methods, ode_problems, tolerances
+    from tolgate.testing.strategies import ode_problems, tolerances
 
     @settings(max_examples=20, deadline=None)
-    @given(problem=ode_problems(), method=adaptive_methods(), rtol=tolerances())
-    def test_accuracy(problem, method, rtol):
-        result = compare_with_reference(problem.field, problem.y0, problem.t, method, rtol)
-        assert result.error <= 100.0
+    @given(problem=ode_problems(), rtol=tolerances())
+    def test_accuracy(problem, rtol):
+        result = compare_with_reference(problem.field, problem.y0, problem.t, "dopri5", rtol)
+        assert result.error <= 200.0
 
 The drawn numbers are hypothesis floats (not a random seed), so a failing case shrinks to a small,
 readable problem.
