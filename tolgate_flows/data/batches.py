@@ -105,8 +105,10 @@ class ImageBatches:
             raise ValueError(f"seed must be non-negative, got {seed}")
         n_batches = len(split) // batch_size if drop_last else math.ceil(len(split) / batch_size)
         if n_batches == 0:
-            raise ValueError(f"batch_size {batch_size} exceeds the {len(split)} images of the split "
-                             "and drop_last is set: an epoch would be empty")
+            raise ValueError(
+                f"batch_size {batch_size} exceeds the {len(split)} images of the split "
+                "and drop_last is set: an epoch would be empty"
+            )
         self.split = split
         self.levels = levels
         self.batch_size = batch_size
@@ -147,8 +149,10 @@ class ImageBatches:
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[ImageBatch]:
         """Yield this rank's batches `start_batch, ..., len(self) - 1` of `epoch` (>= 0)."""
         if epoch < 0 or not 0 <= start_batch <= self._n_batches:
-            raise ValueError(f"need epoch >= 0 and 0 <= start_batch <= {self._n_batches}, "
-                             f"got epoch={epoch}, start_batch={start_batch}")
+            raise ValueError(
+                f"need epoch >= 0 and 0 <= start_batch <= {self._n_batches}, "
+                f"got epoch={epoch}, start_batch={start_batch}"
+            )
         order = self._order(epoch)
         for batch in range(start_batch, self._n_batches):
             yield self._batch(epoch, batch, order[batch * self.batch_size : (batch + 1) * self.batch_size])

@@ -104,8 +104,9 @@ def _read_batches(folder: Path, fmt: str, names: tuple[str, ...]) -> ImageSplit:
     reader = _read_binary_batch if fmt == "bin" else _read_python_batch
     parts = [reader(p) for p in paths]
     for path, part in zip(paths, parts, strict=True):
-        validate_split(part, levels=CIFAR10_LEVELS, n_classes=CIFAR10_CLASSES, image_shape=CIFAR10_SHAPE,
-                       source=str(path))
+        validate_split(
+            part, levels=CIFAR10_LEVELS, n_classes=CIFAR10_CLASSES, image_shape=CIFAR10_SHAPE, source=str(path)
+        )
     return ImageSplit(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
 
 

@@ -30,14 +30,15 @@ def load_digits_splits() -> tuple[ImageSplit, ImageSplit, str]:
     pixels = np.asarray(bunch.images)
     # Checked before the uint8 cast, which would wrap out-of-range values silently.
     if not np.array_equal(pixels, np.round(pixels)) or pixels.min() < 0 or pixels.max() >= DIGITS_LEVELS:
-        raise DataError(f"{_SOURCE}: pixel values must be integers in [0, {DIGITS_LEVELS - 1}], "
-                        f"found range [{pixels.min()}, {pixels.max()}]")
+        raise DataError(
+            f"{_SOURCE}: pixel values must be integers in [0, {DIGITS_LEVELS - 1}], "
+            f"found range [{pixels.min()}, {pixels.max()}]"
+        )
     full = ImageSplit(
         torch.from_numpy(pixels.astype(np.uint8)).unsqueeze(1),
         torch.from_numpy(np.asarray(bunch.target, dtype=np.int64)),
     )
-    validate_split(full, levels=DIGITS_LEVELS, n_classes=DIGITS_CLASSES, image_shape=DIGITS_SHAPE,
-                   source=_SOURCE)
+    validate_split(full, levels=DIGITS_LEVELS, n_classes=DIGITS_CLASSES, image_shape=DIGITS_SHAPE, source=_SOURCE)
     order = torch.from_numpy(np.random.default_rng(DIGITS_TEST_SEED).permutation(len(full)))
     n_test = round(DIGITS_TEST_FRACTION * len(full))
     return full.subset(order[n_test:].sort().values), full.subset(order[:n_test].sort().values), _SOURCE

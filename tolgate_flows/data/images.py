@@ -78,8 +78,9 @@ def validate_split(
     if labels.dtype != torch.int64:
         raise DataError(f"{source}: labels must be int64, got {labels.dtype}")
     if images.dim() != 4 or tuple(images.shape[1:]) != tuple(image_shape):
-        raise DataError(f"{source}: images must have shape (N, {', '.join(map(str, image_shape))}), "
-                        f"got {tuple(images.shape)}")
+        raise DataError(
+            f"{source}: images must have shape (N, {', '.join(map(str, image_shape))}), got {tuple(images.shape)}"
+        )
     if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
         raise DataError(f"{source}: {images.shape[0]} images but labels of shape {tuple(labels.shape)}")
     if images.shape[0] == 0:
@@ -92,9 +93,7 @@ def validate_split(
         raise DataError(f"{source}: pixel values must lie in [0, {levels - 1}], found maximum {top}")
 
 
-def carve_validation(
-    full_train: ImageSplit, *, val_fraction: float, seed: int
-) -> tuple[ImageSplit, ImageSplit]:
+def carve_validation(full_train: ImageSplit, *, val_fraction: float, seed: int) -> tuple[ImageSplit, ImageSplit]:
     """Split the official training data into (train, val), disjoint, by a seeded permutation.
 
     The validation set has round(val_fraction * N) images (at least one); the same `seed` always

@@ -27,8 +27,10 @@ class GaussianMixture1D:
 
     def __post_init__(self) -> None:
         if not len(self.weights) == len(self.means) == len(self.stds) >= 1:
-            raise ValueError(f"weights, means and stds need one entry per component, got lengths "
-                             f"{len(self.weights)}, {len(self.means)}, {len(self.stds)}")
+            raise ValueError(
+                f"weights, means and stds need one entry per component, got lengths "
+                f"{len(self.weights)}, {len(self.means)}, {len(self.stds)}"
+            )
         if min(self.weights) < 0 or abs(sum(self.weights) - 1.0) > 1e-12:
             raise ValueError(f"weights must be non-negative and sum to 1, got {self.weights}")
         if min(self.stds) <= 0:
@@ -36,8 +38,9 @@ class GaussianMixture1D:
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Exact log-density in nats at x (any shape; computed in x's floating dtype), same shape."""
-        weights, means, stds = (torch.tensor(v, dtype=x.dtype, device=x.device)
-                                for v in (self.weights, self.means, self.stds))
+        weights, means, stds = (
+            torch.tensor(v, dtype=x.dtype, device=x.device) for v in (self.weights, self.means, self.stds)
+        )
         z = (x.unsqueeze(-1) - means) / stds
         log_components = -0.5 * z**2 - torch.log(stds) - 0.5 * math.log(2 * math.pi)
         return torch.logsumexp(torch.log(weights) + log_components, dim=-1)

@@ -60,8 +60,10 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     magic = int.from_bytes(raw[:4], "big")
     expected_magic = (_UNSIGNED_BYTE << 8) | ndim
     if zero_a != 0 or zero_b != 0 or type_code != _UNSIGNED_BYTE or file_ndim != ndim:
-        raise DataError(f"{path}: magic number 0x{magic:08x}, expected 0x{expected_magic:08x} "
-                        f"(unsigned bytes, {ndim} dimension(s)); not the IDX file expected here")
+        raise DataError(
+            f"{path}: magic number 0x{magic:08x}, expected 0x{expected_magic:08x} "
+            f"(unsigned bytes, {ndim} dimension(s)); not the IDX file expected here"
+        )
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{path}: truncated inside the IDX header ({len(raw)} of {header} bytes)")
@@ -69,8 +71,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     expected = header + int(np.prod(dims))
     if len(raw) != expected:
         kind = "truncated" if len(raw) < expected else "has trailing bytes"
-        raise DataError(f"{path}: {kind}: header promises dims {dims}, i.e. {expected} bytes, "
-                        f"file has {len(raw)}")
+        raise DataError(f"{path}: {kind}: header promises dims {dims}, i.e. {expected} bytes, file has {len(raw)}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
@@ -81,11 +82,17 @@ def _read_split(data_dir: Path, split: str) -> ImageSplit:
         raise DataError(f"{images_path}: images must be 28x28, got {images.shape[1]}x{images.shape[2]}")
     labels = read_idx(labels_path, 1)
     if labels.shape[0] != images.shape[0]:
-        raise DataError(f"{labels_path} holds {labels.shape[0]} labels but {images_path} holds "
-                        f"{images.shape[0]} images")
+        raise DataError(
+            f"{labels_path} holds {labels.shape[0]} labels but {images_path} holds {images.shape[0]} images"
+        )
     result = ImageSplit(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
-    validate_split(result, levels=MNIST_LEVELS, n_classes=MNIST_CLASSES, image_shape=MNIST_SHAPE,
-                   source=f"{images_path} + {labels_path}")
+    validate_split(
+        result,
+        levels=MNIST_LEVELS,
+        n_classes=MNIST_CLASSES,
+        image_shape=MNIST_SHAPE,
+        source=f"{images_path} + {labels_path}",
+    )
     return result
 
 

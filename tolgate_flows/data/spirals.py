@@ -72,9 +72,7 @@ class SpiralData:
         return torch.stack([self.a, self.b, self.direction.to(torch.float32)], dim=1)
 
 
-def spiral_points(
-    t: np.ndarray, a: np.ndarray, b: np.ndarray, direction: np.ndarray, t_max: float
-) -> np.ndarray:
+def spiral_points(t: np.ndarray, a: np.ndarray, b: np.ndarray, direction: np.ndarray, t_max: float) -> np.ndarray:
     """Ground-truth (x, y) at absolute times `t` ((n, k)) for per-spiral a, b, direction ((n,)); (n, k, 2)."""
     clockwise = (direction == CLOCKWISE)[:, None]
     theta_clockwise = t_max + CLOCKWISE_ANGLE_SHIFT - t  # >= 1 for t <= t_max
@@ -102,11 +100,14 @@ def make_spirals(
     n // 2 spirals are clockwise and the rest counter-clockwise, in a seeded random order.
     """
     if n < 1 or window < 1 or length < 2 * window:
-        raise ValueError(f"need n >= 1, window >= 1 and length >= 2 * window, got n={n}, "
-                         f"window={window}, length={length}")
+        raise ValueError(
+            f"need n >= 1, window >= 1 and length >= 2 * window, got n={n}, window={window}, length={length}"
+        )
     if noise_std < 0 or a_std < 0 or b_std < 0 or t_max <= 0:
-        raise ValueError(f"standard deviations must be >= 0 and t_max > 0, got noise_std={noise_std}, "
-                         f"a_std={a_std}, b_std={b_std}, t_max={t_max}")
+        raise ValueError(
+            f"standard deviations must be >= 0 and t_max > 0, got noise_std={noise_std}, "
+            f"a_std={a_std}, b_std={b_std}, t_max={t_max}"
+        )
     rng = np.random.default_rng(seed)
     direction = rng.permutation(np.repeat([CLOCKWISE, COUNTER_CLOCKWISE], [n // 2, n - n // 2]))
     a = rng.normal(a_mean, a_std, size=n)
