@@ -481,7 +481,7 @@ def run(config: TrainConfig, resume: bool = False, stop_after_batches: int | Non
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         baseline.load_state_dict(state["baseline"])
-        torch.set_rng_state(state["rng"][ranks.rank].cpu())
+        restore_rng(state["rng"][ranks.rank].cpu(), device)
         start_epoch, start_batch, step, best = state["epoch"], state["batch"], state["step"], state["best"]
         acc = state["accumulator"]
         history = [h for h in read_history(metrics_path) if h["epoch"] < start_epoch]
@@ -657,13 +657,25 @@ def _mean_tol(records) -> float:
 
 
 def ranks_gather_rng(ranks: Dist, device: torch.device) -> list[torch.Tensor]:
-    """Every rank's CPU RNG state (so a resumed run continues every rank's noise stream)."""
+    """Every rank's RNG state: the CPU generator's, and on CUDA also the device generator's (the
+    Hutchinson noise and gate draws are made on the device), so a resumed run continues every
+    rank's noise stream."""
     state = torch.get_rng_state()
+    if device.type == "cuda":
+        state = torch.cat([state, torch.cuda.get_rng_state(device)])
     if ranks.world == 1:
         return [state]
     out = [torch.empty_like(state) for _ in range(ranks.world)]
     dist.all_gather_object(out, state)
     return out
+
+
+def restore_rng(state: torch.Tensor, device: torch.device) -> None:
+    """Inverse of :func:`ranks_gather_rng` for this rank."""
+    cpu_size = torch.get_rng_state().numel()
+    torch.set_rng_state(state[:cpu_size])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[cpu_size:], device)
 
 
 def write_samples(model: FlowModel, n_classes: int, path: Path, per_class: int = 8) -> None:
