@@ -36,6 +36,7 @@ from .conditioning import (
     ZyLocation,
     standard_normal_log_prob,
 )
+from .data import bits_per_dim
 from .multiscale import ImageShape, MultiscaleFlow, default_n_scales
 from .odefuncs import TIME_EMBEDDINGS, ConvODENet, TimeEmbedding
 
@@ -132,19 +133,6 @@ class LossParts:
 
     bits_per_dim: torch.Tensor
     cross_entropy: torch.Tensor | None
-
-
-def bits_per_dim(log_px: torch.Tensor, dims: int, levels: int) -> torch.Tensor:
-    """``-(log_px - dims * log(levels)) / (dims * ln 2)``, elementwise.
-
-    ``log_px`` (nats) is the density of dequantized data scaled to ``[0,1]^dims``; the data had
-    ``levels`` discrete values per dimension (256 for 8-bit images, 17 for scikit-learn's
-    digits), so the density on the ``[0, levels]^dims`` grid of unit bins is
-    ``log_px - dims * log(levels)``.
-    """
-    if levels < 2:
-        raise ValueError(f"levels must be >= 2, got {levels!r}")
-    return -(log_px - dims * math.log(levels)) / (dims * math.log(2))
 
 
 class FlowModel(nn.Module):
