@@ -64,5 +64,7 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int) -> None:
         grid[
             :, 1 + r * (height + 1) : 1 + r * (height + 1) + height, 1 + c * (width + 1) : 1 + c * (width + 1) + width
         ] = images[k]
+    scale = max(1, 384 // grid.shape[2])  # small images (8x8 digits) are enlarged, pixels kept sharp
+    grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     array = grid.permute(1, 2, 0).numpy()
     plt.imsave(path, array[..., 0] if channels == 1 else array, cmap="gray" if channels == 1 else None, vmin=0, vmax=1)
