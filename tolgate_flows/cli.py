@@ -43,6 +43,11 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="reward -(forward + backward) NFE instead of forward NFE",
     )
+    p.add_argument(
+        "--reward-loss-weight",
+        type=float,
+        help="weight of the task loss inside the REINFORCE return (Eq. 7 uses 1; 0: NFE only)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--device")
     p.add_argument("--out", help="output folder (metrics.jsonl, checkpoints, plots, summary.json)")

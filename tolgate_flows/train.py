@@ -77,6 +77,7 @@ class TrainConfig:
     alpha: float = 0.01
     baseline_momentum: float = 0.9
     reward_backward_nfe: bool = False
+    reward_loss_weight: float = 1.0
     seed: int = 0
     device: str = "cpu"
     out: str = "runs/default"
@@ -538,8 +539,11 @@ def run(config: TrainConfig, resume: bool = False, stop_after_batches: int | Non
                 reward_loss = (
                     per_sample_objective(model, output, y, config.beta, dataset.levels)
                     if (config.backend == "tolgate")
-                    else loss
+                    else loss.detach()
                 )
+                # Eq. 7's return carries -L; weight 0 keeps only the NFE price (a variance cut where the
+                # tolerance does not move L, since L's batch-to-batch noise otherwise dominates the signal).
+                reward_loss = config.reward_loss_weight * reward_loss
                 if learned and config.reward_backward_nfe:
                     loss.backward()
                     reinforce_loss(records, reward_loss, config.alpha, baseline, include_backward=True).backward()
