@@ -75,6 +75,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "InfoCNF, learned, alpha 0.1 (10x price per NFE)",
         ["--model", "infocnf", "--tolerance", "learned", "--alpha", "0.1"],
     ),
+    "3d-infocnf-learned-nfe-only-return": (
+        "InfoCNF, learned, return without the task loss (NFE price only)",
+        ["--model", "infocnf", "--tolerance", "learned", "--reward-loss-weight", "0"],
+    ),
 }
 
 # Paper's Table 1 (CIFAR-10, batch 900) and the unconditional CNF of Section 4.4, for the side-by-side.
