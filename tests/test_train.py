@@ -60,15 +60,19 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert straight == resumed
 
 
-def test_two_process_ddp_reports_aggregated_nfe(tmp_path):
+@pytest.mark.parametrize(
+    "extra", [[], ["--reward-backward-nfe"]], ids=["ddp-hooks", "two-backward-explicit-allreduce"]
+)
+def test_two_process_ddp_reports_aggregated_nfe(tmp_path, extra):
     out = tmp_path / "ddp"
+    port = "29531" if not extra else "29532"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        "--master_port=29531",
+        f"--master_port={port}",
         str(ROOT / "benchmarks" / "cifar_infocnf.py"),
         "--dataset",
         "digits",
@@ -95,6 +99,7 @@ def test_two_process_ddp_reports_aggregated_nfe(tmp_path):
         "--no-progress",
         "--out",
         str(out),
+        *extra,
     ]
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=300, capture_output=True)
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])

@@ -14,10 +14,13 @@ Evaluation always uses the fixed tolerance ``eval_tol`` (never the sampled train
 the divergence estimator ``eval_divergence``, the same for every model.
 
 Data parallelism (``torchrun --nproc_per_node=N``): each rank takes its shard of every global
-batch; gradients are averaged with an explicit all-reduce after the (one or two) backward passes
-rather than by DistributedDataParallel's hooks, because the REINFORCE backward may run after the
-task loss's backward and a frozen or fixed gate leaves parameters without gradient. NFE and
-tolerances are all-reduced, so the logs report every rank, never rank 0 alone.
+batch; gradients are averaged with an explicit all-reduce after the (one or two) backward passes,
+not by DistributedDataParallel's autograd hooks. Tried and refused by DDP's reducer ("Expected to
+mark a variable ready only once"): the divergence calls ``torch.autograd.grad`` inside the ODE
+function during the forward pass, which fires DDP's hooks before the real backward. The explicit
+all-reduce also covers the REINFORCE backward that follows the task loss's when the reward
+includes backward NFE, and gates that have no gradient. NFE and tolerances are all-reduced, so the
+logs report every rank, never rank 0 alone.
 """
 
 from __future__ import annotations
