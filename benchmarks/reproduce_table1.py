@@ -55,6 +55,10 @@ ROWS: dict[str, tuple[str, list[str]]] = {
         "InfoCNF, fixed 1e-5, seminorm adjoint",
         ["--model", "infocnf", "--tolerance", "fixed", "--train-tol", "1e-5", "--adjoint", "--seminorm"],
     ),
+    "7b-infocnf-fixed-1e-5-adjoint": (
+        "InfoCNF, fixed 1e-5, plain adjoint (the seminorm's reference)",
+        ["--model", "infocnf", "--tolerance", "fixed", "--train-tol", "1e-5", "--adjoint"],
+    ),
     "8a-cnf-fixed-1e-5": (
         "CNF (unconditional), fixed 1e-5",
         ["--model", "cnf", "--tolerance", "fixed", "--train-tol", "1e-5"],
