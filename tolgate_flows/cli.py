@@ -66,6 +66,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--zy-fraction", type=float)
     p.add_argument("--zy-location", choices=["first-scale", "top-scale"])
     p.add_argument("--eval-divergence", choices=["hutchinson", "exact"])
+    p.add_argument("--eval-draws", type=int, help="Hutchinson draws averaged per test image")
+    p.add_argument(
+        "--eval-noise-seed",
+        type=int,
+        help="seed the evaluation noise per batch: every model and tolerance sees the same draws",
+    )
     p.add_argument("--max-train-batches", type=int)
     p.add_argument("--max-eval-batches", type=int)
     p.add_argument("--recheck-tols", type=float, nargs="*", help="re-evaluate the selected checkpoint at these")

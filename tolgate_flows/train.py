@@ -25,6 +25,7 @@ logs report every rank, never rank 0 alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -50,7 +51,7 @@ from tolgate import (
 )
 
 from . import plots
-from .data import bits_per_dim, load_dataset, make_batches
+from .data import bits_per_dim, derived_seed, load_dataset, make_batches
 from .models import FlowModel, ModelConfig, build_model, set_divergence
 
 TOLERANCE_MODES = ("fixed", "scheduled", "learned", "frozen", "gate-mean")
@@ -96,6 +97,8 @@ class TrainConfig:
     zy_fraction: float = 0.5
     zy_location: str = "first-scale"
     eval_divergence: str = "hutchinson"
+    eval_draws: int = 1
+    eval_noise_seed: int | None = None
     eval_batch_size: int = 500
     max_train_batches: int | None = None
     max_eval_batches: int | None = None
@@ -274,11 +277,26 @@ def average_gradients(model: torch.nn.Module, ranks: Dist) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: FlowModel, batches, levels: int, ranks: Dist, max_batches: int | None = None) -> dict:
+def evaluate(
+    model: FlowModel,
+    batches,
+    levels: int,
+    ranks: Dist,
+    max_batches: int | None = None,
+    draws: int = 1,
+    noise_seed: int | None = None,
+) -> dict:
     """Conditional and marginal bits/dim, classification error and forward NFE on one split.
 
     Runs in eval mode: every solver uses its eval policy (a fixed tolerance), never a draw.
+    ``draws`` Hutchinson estimates of ``log p`` per image are averaged (each is unbiased, so their
+    mean is; the latent, hence the classifier, does not depend on the noise). With ``noise_seed``
+    the noise of batch ``k`` is drawn from ``derived_seed(noise_seed, k)`` in a forked RNG: every
+    model and every tolerance is then evaluated on the same noise (common random numbers), and the
+    training noise stream is left as it was. ``nfe_forward`` is that of one evaluation pass.
     """
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
     model.eval()
     solvers = list(gated_solvers(model))
     totals = [0.0] * 6  # n, bpd_cond, bpd_marginal, errors, cross-entropy (sums), nfe_forward (per batch, all blocks)
@@ -288,10 +306,14 @@ def evaluate(model: FlowModel, batches, levels: int, ranks: Dist, max_batches: i
             break
         if batch.x.shape[0] == 0:
             continue
-        out = model(batch.x, batch.y if model.conditional else None)
+        with _evaluation_noise(noise_seed, k, batch.x.device):
+            outs = [model(batch.x, batch.y if model.conditional else None) for _ in range(draws)]
+        out = outs[0]
+        log_px = torch.stack([o.log_px for o in outs]).mean(dim=0)
+        marginal = torch.stack([model.marginal_log_px(o) for o in outs]).mean(dim=0)
         totals[0] += batch.x.shape[0]
-        totals[1] += float(bits_per_dim(out.log_px, model.dims, levels).sum())
-        totals[2] += float(bits_per_dim(model.marginal_log_px(out), model.dims, levels).sum())
+        totals[1] += float(bits_per_dim(log_px, model.dims, levels).sum())
+        totals[2] += float(bits_per_dim(marginal, model.dims, levels).sum())
         if out.logits is not None:
             totals[3] += float((out.logits.argmax(dim=1) != batch.y).sum())
             totals[4] += float(torch.nn.functional.cross_entropy(out.logits, batch.y, reduction="sum"))
@@ -307,6 +329,17 @@ def evaluate(model: FlowModel, batches, levels: int, ranks: Dist, max_batches: i
         "cross_entropy": ce / n if model.conditional else None,
         "nfe_forward": nfe / max(batches_all, 1.0),
     }
+
+
+@contextlib.contextmanager
+def _evaluation_noise(noise_seed: int | None, batch: int, device: torch.device):
+    """Seed batch ``batch``'s evaluation noise in a forked RNG; nothing when ``noise_seed`` is None."""
+    if noise_seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(derived_seed(noise_seed, batch))
+        yield
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -585,8 +618,24 @@ def run(config: TrainConfig, resume: bool = False, stop_after_batches: int | Non
             start_batch = 0
             train_metrics = _finish_epoch(acc, ranks, device)
             set_divergence(model, config.eval_divergence)
-            val = evaluate(model, val_batches, dataset.levels, ranks, config.max_eval_batches)
-            test = evaluate(model, test_batches, dataset.levels, ranks, config.max_eval_batches)
+            val = evaluate(
+                model,
+                val_batches,
+                dataset.levels,
+                ranks,
+                config.max_eval_batches,
+                config.eval_draws,
+                config.eval_noise_seed,
+            )
+            test = evaluate(
+                model,
+                test_batches,
+                dataset.levels,
+                ranks,
+                config.max_eval_batches,
+                config.eval_draws,
+                config.eval_noise_seed,
+            )
             set_divergence(model, "hutchinson")
             # Model selection on the validation split, by the training objective J (Eq. 4).
             val_loss = val["bpd_cond"] + config.beta * (val["cross_entropy"] or 0.0)
@@ -709,7 +758,13 @@ def summarize(config, model, out, best, dataset, test_batches, ranks) -> dict:
             for solver in gated_solvers(model):
                 solver.eval_policy = FixedTolerance(tol)
             summary["recheck"][f"{tol:g}"] = evaluate(
-                model, test_batches, dataset.levels, ranks, config.max_eval_batches
+                model,
+                test_batches,
+                dataset.levels,
+                ranks,
+                config.max_eval_batches,
+                config.eval_draws,
+                config.eval_noise_seed,
             )
         for solver in gated_solvers(model):
             solver.eval_policy = FixedTolerance(config.eval_tol)
