@@ -331,6 +331,18 @@ def evaluate(
     }
 
 
+def evaluate_as_configured(model: FlowModel, batches, levels: int, ranks: Dist, config: TrainConfig) -> dict:
+    """:func:`evaluate` with the run's evaluation settings (divergence, draws, noise seed, batch
+    limit); the blocks return to Hutchinson's estimator for training afterwards."""
+    set_divergence(model, config.eval_divergence)
+    try:
+        return evaluate(
+            model, batches, levels, ranks, config.max_eval_batches, config.eval_draws, config.eval_noise_seed
+        )
+    finally:
+        set_divergence(model, "hutchinson")
+
+
 @contextlib.contextmanager
 def _evaluation_noise(noise_seed: int | None, batch: int, device: torch.device):
     """Seed batch ``batch``'s evaluation noise in a forked RNG; nothing when ``noise_seed`` is None."""
@@ -617,26 +629,8 @@ def run(config: TrainConfig, resume: bool = False, stop_after_batches: int | Non
                 break
             start_batch = 0
             train_metrics = _finish_epoch(acc, ranks, device)
-            set_divergence(model, config.eval_divergence)
-            val = evaluate(
-                model,
-                val_batches,
-                dataset.levels,
-                ranks,
-                config.max_eval_batches,
-                config.eval_draws,
-                config.eval_noise_seed,
-            )
-            test = evaluate(
-                model,
-                test_batches,
-                dataset.levels,
-                ranks,
-                config.max_eval_batches,
-                config.eval_draws,
-                config.eval_noise_seed,
-            )
-            set_divergence(model, "hutchinson")
+            val = evaluate_as_configured(model, val_batches, dataset.levels, ranks, config)
+            test = evaluate_as_configured(model, test_batches, dataset.levels, ranks, config)
             # Model selection on the validation split, by the training objective J (Eq. 4).
             val_loss = val["bpd_cond"] + config.beta * (val["cross_entropy"] or 0.0)
             record = {
@@ -753,19 +747,10 @@ def summarize(config, model, out, best, dataset, test_batches, ranks) -> dict:
     if config.recheck_tols:
         state = load_checkpoint(out / "best.pt", next(model.parameters()).device)
         model.load_state_dict(state["model"])
-        set_divergence(model, config.eval_divergence)
         for tol in config.recheck_tols:
             for solver in gated_solvers(model):
                 solver.eval_policy = FixedTolerance(tol)
-            summary["recheck"][f"{tol:g}"] = evaluate(
-                model,
-                test_batches,
-                dataset.levels,
-                ranks,
-                config.max_eval_batches,
-                config.eval_draws,
-                config.eval_noise_seed,
-            )
+            summary["recheck"][f"{tol:g}"] = evaluate_as_configured(model, test_batches, dataset.levels, ranks, config)
         for solver in gated_solvers(model):
             solver.eval_policy = FixedTolerance(config.eval_tol)
     if config.sample_every and ranks.main:
