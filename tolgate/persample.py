@@ -38,6 +38,7 @@ from typing import Literal
 
 import torch
 
+from .checks import check_times
 from .sample_stats import PerSampleStats
 from .stepping import integrate, mean_square
 from .tableaux import get_tableau
@@ -145,17 +146,11 @@ class PerSampleData:
 
 
 def _check_times(t: torch.Tensor, y0: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] < 2:
-        raise ValueError(f"t must be a 1-D tensor of at least two times, got {t!r}")
+    check_times(t)
     if not torch.is_floating_point(t):
         raise TypeError(f"t must be floating point, got dtype {t.dtype}")
     if t.device != y0.device:
         raise ValueError(f"t is on {t.device} but y0 is on {y0.device}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"t must be finite, got {t.tolist()}")
-    gaps = t[1:] - t[:-1]
-    if not (bool((gaps > 0).all()) or bool((gaps < 0).all())):
-        raise ValueError(f"t must be strictly increasing or strictly decreasing, got {t.tolist()}")
 
 
 def _per_sample_tolerance(value: Tolerance, name: str, batch: int, y0: torch.Tensor) -> torch.Tensor:

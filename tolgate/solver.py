@@ -18,6 +18,7 @@ import torch
 import torchdiffeq
 from torch import nn
 
+from .checks import check_times
 from .errors import NonFiniteStateError, SolveError, StepBudgetExceeded, StepSizeUnderflow
 from .persample import solve_per_sample
 from .policies import FixedTolerance, Progress, ToleranceChoice, TolerancePolicy, validate_tolerance
@@ -202,7 +203,7 @@ class GatedSolver(nn.Module):
         need the batch dimension first). ``context`` defaults to ``y0`` (its first tensor if a
         tuple). Returns ``(len(t), *y0.shape)`` (a tuple of such tensors for a tuple ``y0``).
         """
-        _check_times(t)
+        check_times(t)
         _check_state(y0, t)
         if context is None:
             context = y0[0] if isinstance(y0, tuple) else y0
@@ -313,19 +314,6 @@ def _check_state(y0: State, t: torch.Tensor) -> None:
             raise NonFiniteStateError(
                 f"y0 (element {k}) contains NaN or inf at the initial time t={float(t[0]):.6g}; nothing was solved"
             )
-
-
-def _check_times(t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() < 2:
-        raise ValueError(f"t must be a 1-D tensor of at least two times, got {t!r}")
-    # One device-to-host copy, then plain Python: output grids are short, and a handful of tensor
-    # reductions here cost more than the copy (this runs on every solve).
-    times = t.tolist()
-    if not all(map(math.isfinite, times)):
-        raise ValueError(f"t must be finite, got {times}")
-    pairs = list(zip(times[:-1], times[1:], strict=True))
-    if not (all(a < b for a, b in pairs) or all(a > b for a, b in pairs)):
-        raise ValueError(f"t must be strictly increasing or strictly decreasing, got {times}")
 
 
 def _per_element(tol: float | torch.Tensor, y0: State) -> float | torch.Tensor | tuple[torch.Tensor, ...]:
