@@ -17,26 +17,34 @@ from .persample import PerSampleData, from_torchdiffeq, solve_per_sample
 from .policies import (
     FixedTolerance,
     GaussianGate,
+    NoiseMatchedTolerance,
     Progress,
     ScheduledTolerance,
     ToleranceChoice,
     TolerancePolicy,
 )
+from .probes import Calibration, GateProbeReport, Probe, ProbedGateEstimator, calibrate, run_probe
 from .records import SolveRecord, SolveStatus
-from .reinforce import RunningMeanBaseline, cumulative_returns, reinforce_loss, solve_rewards
+from .reinforce import RunningMeanBaseline, cumulative_returns, leave_one_out_loss, reinforce_loss, solve_rewards
 from .sample_stats import PerSampleStats, SampleStatus
+from .scopes import collect_records, use_policies
 from .solver import GatedSolver, gated_solvers, set_progress
 
 __all__ = [
+    "Calibration",
     "ConvGate",
     "FixedTolerance",
     "GatedSolver",
+    "GateProbeReport",
     "GaussianGate",
     "MLPGate",
     "NonFiniteStateError",
     "NonFiniteToleranceError",
+    "NoiseMatchedTolerance",
     "PerSampleData",
     "PerSampleStats",
+    "Probe",
+    "ProbedGateEstimator",
     "Progress",
     "RunningMeanBaseline",
     "SampleStatus",
@@ -48,11 +56,16 @@ __all__ = [
     "StepSizeUnderflow",
     "ToleranceChoice",
     "TolerancePolicy",
+    "calibrate",
+    "collect_records",
     "cumulative_returns",
     "from_torchdiffeq",
     "gated_solvers",
+    "leave_one_out_loss",
     "reinforce_loss",
+    "run_probe",
     "set_progress",
     "solve_per_sample",
     "solve_rewards",
+    "use_policies",
 ]

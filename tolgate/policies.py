@@ -192,6 +192,10 @@ class GaussianGate(TolerancePolicy):
     clipped end, so the score stays correct when the gate pushes against a bound. It is
     differentiable in both ``mu`` and ``sigma``, unlike the original research code, whose
     log-probability scored only the noise and gave the gate no gradient.
+
+    ``explore=False`` makes the gate *act* at its mean (no draw, no ``log_prob``): the setting for
+    the probe estimator (:class:`~tolgate.probes.ProbedGateEstimator`), which explores on probes of
+    the batch and leaves the training solve at the policy's best guess. :meth:`draw` always draws.
     """
 
     def __init__(
@@ -203,6 +207,7 @@ class GaussianGate(TolerancePolicy):
         initial_log10: float = -5.0,
         initial_std: float = 0.5,
         atol_ratio: float = 1.0,
+        explore: bool = True,
     ) -> None:
         super().__init__()
         validate_tolerance(low, "low")
@@ -219,6 +224,7 @@ class GaussianGate(TolerancePolicy):
         self.initial_log10, self.initial_log_std = float(initial_log10), math.log(initial_std)
         _validate_atol_ratio(atol_ratio)
         self.atol_ratio = float(atol_ratio)
+        self.explore = bool(explore)
 
     def freeze(self) -> GaussianGate:
         """Stop learning: the ablation "gate frozen at its random initialisation". Returns self."""
@@ -240,8 +246,16 @@ class GaussianGate(TolerancePolicy):
         return mu, log_sigma.exp()
 
     def forward(self, context: torch.Tensor, progress: Progress) -> ToleranceChoice:
+        if not self.explore:
+            return self.deterministic(context, progress)
+        return self.draw(context)
+
+    def draw(self, context: torch.Tensor, generator: torch.Generator | None = None) -> ToleranceChoice:
+        """One draw from the gate, with ``log_prob``; ``generator`` (on the context's device) keeps
+        the draw off the global RNG stream, so probes can share their Hutchinson noise."""
         mu, sigma = self.distribution(context)
-        draw = (mu + sigma * torch.randn_like(mu)).detach()
+        noise = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+        draw = (mu + sigma * noise).detach()
         log10_tol = draw.clamp(self.log10_low, self.log10_high)
         log_prob = censored_normal_log_prob(log10_tol, mu, sigma, self.log10_low, self.log10_high)
         return self._choice(log10_tol, log_prob)
@@ -272,6 +286,78 @@ class GaussianGate(TolerancePolicy):
         if count == 0:
             raise ValueError("contexts is empty: cannot estimate the gate's mean tolerance")
         return total / count
+
+
+class NoiseMatchedTolerance(TolerancePolicy):
+    """The loosest tolerance whose solver error in the loss stays below a fraction of the
+    minibatch's own noise: a deterministic, non-RL adaptive policy.
+
+    The rule is the "norm test" of dynamic sample-size methods (Byrd et al. 2012) applied to the
+    solver: SGD already tolerates the minibatch's sampling error ``std(L) / sqrt(batch)``, so a
+    deterministic solver error well below it costs nothing measurable, and any accuracy beyond
+    that is wasted work. :func:`tolgate.probes.calibrate` measures both on a probe of the batch
+    (a tight reference solve and solves at the current and the next looser tolerance, on common
+    random numbers) and calls :meth:`update`, which moves ``log10(rtol)`` one ``step`` looser when
+    the looser tolerance stays within budget and one step tighter when the current one does not.
+
+    One instance may serve every solver of a model (one tolerance for all blocks). The current
+    tolerance is a buffer, so it is saved and restored with the model.
+    """
+
+    def __init__(
+        self,
+        initial: float = 1e-5,
+        low: float = 1e-8,
+        high: float = 1e-1,
+        step: float = 0.5,
+        fraction: float = 0.1,
+        atol_ratio: float = 1.0,
+    ) -> None:
+        super().__init__()
+        for value, name in ((initial, "initial"), (low, "low"), (high, "high")):
+            validate_tolerance(value, name)
+        if not low <= initial <= high:
+            raise ValueError(f"need low <= initial <= high, got {low!r}, {initial!r}, {high!r}")
+        if not (math.isfinite(step) and step > 0):
+            raise ValueError(f"step (decades) must be finite and > 0, got {step!r}")
+        if not (math.isfinite(fraction) and fraction > 0):
+            raise ValueError(f"fraction must be finite and > 0, got {fraction!r}")
+        _validate_atol_ratio(atol_ratio)
+        self.log10_low, self.log10_high = math.log10(low), math.log10(high)
+        self.step, self.fraction, self.atol_ratio = float(step), float(fraction), float(atol_ratio)
+        self.register_buffer("log10_tolerance", torch.tensor(math.log10(initial), dtype=torch.float64))
+
+    @property
+    def current(self) -> float:
+        """The tolerance (``rtol``) every solve uses now."""
+        return 10.0 ** float(self.log10_tolerance)
+
+    @property
+    def looser(self) -> float:
+        """The candidate one ``step`` looser (clipped to ``high``)."""
+        return 10.0 ** min(float(self.log10_tolerance) + self.step, self.log10_high)
+
+    def forward(self, context: torch.Tensor, progress: Progress) -> ToleranceChoice:
+        rtol = self.current
+        return ToleranceChoice(rtol, self.atol_ratio * rtol, log10_tolerance=self.log10_tolerance.clone())
+
+    def update(self, error_current: float, error_looser: float, noise: float) -> float:
+        """Move by one step from the measured solver errors (same units as ``noise``, the
+        standard error of the training minibatch's loss); return the new tolerance."""
+        for value, name in ((error_current, "error_current"), (error_looser, "error_looser"), (noise, "noise")):
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+        budget = self.fraction * noise
+        log10 = float(self.log10_tolerance)
+        if error_current > budget:
+            log10 -= self.step
+        elif error_looser <= budget:
+            log10 += self.step
+        self.log10_tolerance.fill_(min(max(log10, self.log10_low), self.log10_high))
+        return self.current
+
+    def extra_repr(self) -> str:
+        return f"rtol={self.current:.3g}, step={self.step:g} decades, fraction={self.fraction:g}"
 
 
 def censored_normal_log_prob(

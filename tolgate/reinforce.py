@@ -33,6 +33,11 @@ NFE, which exists only after autograd's backward has run through the solves; the
 Per-sample records (``nfe_per_sample`` and a ``(batch,)`` ``log_prob``) give each sample its own
 return; batch-level records broadcast. The surrogate averages over the batch, so its scale does
 not depend on the batch size.
+
+That is the paper's estimator, one draw per solve per batch. Its return is dominated by the
+batch-to-batch noise of ``L`` and it rewards solver error that lowers ``L``; the estimator that
+learns, :class:`tolgate.probes.ProbedGateEstimator`, draws several tolerances on the *same* batch
+and forms :func:`leave_one_out_loss` from a reference-calibrated return instead.
 """
 
 from __future__ import annotations
@@ -138,3 +143,31 @@ def reinforce_loss(
     if not terms:
         return torch.zeros((), dtype=task_loss.dtype, device=task_loss.device)
     return torch.stack(terms).sum()
+
+
+def leave_one_out_loss(log_probs: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    """Score-function surrogate of ``K`` draws with the leave-one-out baseline, shape ``()``.
+
+    ``log_probs`` ``(K, N)``: log-probability of draw ``k`` of solve ``i``, differentiable;
+    ``rewards`` ``(K, N)`` (detached). Draw ``k`` is compared with the mean of the *other* draws
+    of the same batch (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline for free"):
+
+        A_ki = R_ki - mean_{j != k} R_ji = K / (K - 1) * (R_ki - mean_j R_ji)
+
+    The baseline does not depend on draw ``k``, so the estimate stays unbiased; everything common
+    to the draws of one batch (the batch's difficulty, the model's current state) cancels. The
+    surrogate ``-mean_k sum_i log p_ki * A_ki`` has the gradient of ``-E[sum_i R_i]``.
+    """
+    if log_probs.shape != rewards.shape or log_probs.dim() != 2:
+        raise ValueError(
+            f"log_probs and rewards must both have shape (draws, solves); got {tuple(log_probs.shape)} "
+            f"and {tuple(rewards.shape)}"
+        )
+    draws = log_probs.shape[0]
+    if draws < 2:
+        raise ValueError(f"the leave-one-out baseline needs at least 2 draws, got {draws}")
+    rewards = rewards.detach()
+    if not bool(torch.isfinite(rewards).all()):
+        raise ValueError("rewards contain NaN or inf: refusing to form a REINFORCE gradient from them")
+    advantages = draws / (draws - 1) * (rewards - rewards.mean(dim=0, keepdim=True))
+    return -(log_probs * advantages).sum(dim=1).mean()

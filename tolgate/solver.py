@@ -23,6 +23,7 @@ from .errors import NonFiniteStateError, SolveError, StepBudgetExceeded, StepSiz
 from .persample import solve_per_sample
 from .policies import FixedTolerance, Progress, ToleranceChoice, TolerancePolicy, validate_tolerance
 from .records import SolveRecord, SolveStatus
+from .scopes import announce, override_for
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
 VectorField = Callable[[torch.Tensor, State], State]
@@ -177,9 +178,12 @@ class GatedSolver(nn.Module):
         self.records.clear()
 
     def choose_tolerance(self, context: torch.Tensor) -> ToleranceChoice:
-        """The policy's choice for this context, per the train/eval mode."""
+        """The policy's choice for this context: the override if one is active, else per the train/eval mode."""
         context = context.detach()
-        if self.training:
+        override = override_for(self)
+        if override is not None:
+            choice = override(context, self.progress)
+        elif self.training:
             choice = self.policy(context, self.progress)
         elif self.eval_policy is None:
             choice = self.policy.deterministic(context, self.progress)
@@ -217,6 +221,7 @@ class GatedSolver(nn.Module):
             log_prob=choice.log_prob,
         )
         self.records.append(record)
+        announce(self, record)
         field = _CountingField(func, record)
         if self.backend == "tolgate":
             return self._solve_per_sample(field, y0, t, choice, record)

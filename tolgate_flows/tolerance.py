@@ -1,0 +1,220 @@
+"""How a training run chooses and learns its ODE tolerances: one place for every mode.
+
+Modes (``TOLERANCE_MODES``):
+
+* ``fixed``, ``scheduled``: the tolerance is given (a constant, or log-linear over the epochs).
+* ``learned``: a :class:`~tolgate.GaussianGate` per block, trained by one of two estimators:
+  ``probe`` (default; :class:`tolgate.ProbedGateEstimator`: several draws on a probe of the same
+  batch, common random numbers, leave-one-out baseline, quality measured against a tight
+  reference solve; the gate *acts* at its mean) or ``paper`` (Eq. 7 on the training solve
+  itself: one draw per block per batch, return ``-(L - alpha/N sum NFE)``).
+* ``frozen``: the same gates, never trained (the ablation "learned or merely looser?").
+* ``gate-mean``: a fixed tolerance per block at a learned run's gate means (the other ablation).
+* ``adaptive``: :class:`tolgate.NoiseMatchedTolerance`, one tolerance for every block, moved by
+  :func:`tolgate.calibrate` to the loosest one whose solver error stays below a fraction of the
+  minibatch noise. Deterministic, no RL.
+
+:class:`ToleranceLearner` is what a training loop calls: :meth:`~ToleranceLearner.backward`
+replaces ``loss.backward()``, :meth:`~ToleranceLearner.probe` runs after it every
+``probe_every`` steps. Probe cost is returned, so runs can report it next to the training NFE.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tolgate import (
+    FixedTolerance,
+    GaussianGate,
+    NoiseMatchedTolerance,
+    ProbedGateEstimator,
+    RunningMeanBaseline,
+    ScheduledTolerance,
+    SolveRecord,
+    TolerancePolicy,
+    calibrate,
+    reinforce_loss,
+)
+from tolgate.probes import Objective
+
+TOLERANCE_MODES = ("fixed", "scheduled", "learned", "frozen", "gate-mean", "adaptive")
+ESTIMATORS = ("probe", "paper")
+# (block index, gate input size: channels or features) -> that block's policy.
+PolicyFactory = Callable[[int, int], TolerancePolicy]
+
+
+@dataclass
+class ToleranceConfig:
+    """Every knob of the tolerance side of a run (see the module docstring for the modes).
+
+    ``train_tol``: the fixed tolerance, and where schedules, gates and the adaptive policy start.
+    ``alpha``, ``baseline_momentum``, ``reward_loss_weight``, ``reward_backward_nfe``: the paper
+    estimator's Eq. 6-7 settings. ``probe_*``, ``budget_fraction``, ``penalty``: the probe
+    estimator's and the adaptive policy's; ``reference_tol`` is their tight reference solve.
+    """
+
+    mode: str = "fixed"
+    train_tol: float = 1e-5
+    schedule_end_tol: float = 1e-4
+    epochs: int = 1
+    gate_mean_log10: list[float] | None = None
+    per_sample: bool = False
+    estimator: str = "probe"
+    alpha: float = 0.01
+    baseline_momentum: float = 0.9
+    reward_loss_weight: float = 1.0
+    reward_backward_nfe: bool = False
+    probe_every: int = 5
+    probe_size: int = 64
+    probe_draws: int = 4
+    budget_fraction: float = 0.1
+    penalty: float = 1.0
+    reference_tol: float = 1e-5
+    adaptive_step: float = 0.5
+    tolerance_low: float = 1e-8
+    tolerance_high: float = 1e-1
+
+    def __post_init__(self) -> None:
+        if self.mode not in TOLERANCE_MODES:
+            raise ValueError(f"tolerance mode must be one of {TOLERANCE_MODES}, got {self.mode!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.mode == "gate-mean" and not self.gate_mean_log10:
+            raise ValueError("tolerance 'gate-mean' needs gate_mean_log10 (per block), e.g. from --gate-mean-from")
+        for name in ("train_tol", "schedule_end_tol", "reference_tol", "tolerance_low", "tolerance_high"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= 1):
+                raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+        if not self.tolerance_low <= self.train_tol <= self.tolerance_high:
+            raise ValueError(
+                f"train_tol {self.train_tol!r} must lie in [tolerance_low, tolerance_high] = "
+                f"[{self.tolerance_low!r}, {self.tolerance_high!r}]"
+            )
+        for name in ("probe_every", "probe_size", "probe_draws", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("alpha", "penalty", "budget_fraction", "adaptive_step"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+
+    @property
+    def probes(self) -> bool:
+        """Does this configuration run probes (probe estimator or adaptive policy)?"""
+        return self.mode == "adaptive" or (self.mode == "learned" and self.estimator == "probe")
+
+
+def policy_factory(config: ToleranceConfig, gate_net: Callable[[int], nn.Module]) -> PolicyFactory:
+    """``(block_index, gate_input_size) -> TolerancePolicy`` for ``config.mode``; ``gate_net(size)``
+    builds a gate network (e.g. ``ConvGate`` for images, ``MLPGate`` for vectors)."""
+    # One adaptive policy for every block: it is shared state, a single tolerance.
+    adaptive = NoiseMatchedTolerance(
+        initial=config.train_tol,
+        low=config.tolerance_low,
+        high=config.tolerance_high,
+        step=config.adaptive_step,
+        fraction=config.budget_fraction,
+    )
+
+    def make(index: int, size: int) -> TolerancePolicy:
+        if config.mode == "fixed":
+            return FixedTolerance(config.train_tol)
+        if config.mode == "scheduled":
+            return ScheduledTolerance.log_linear(config.train_tol, config.schedule_end_tol, config.epochs, "epoch")
+        if config.mode == "gate-mean":
+            if index >= len(config.gate_mean_log10):
+                raise ValueError(f"gate_mean_log10 has {len(config.gate_mean_log10)} entries; block {index} has none")
+            return FixedTolerance(10.0 ** config.gate_mean_log10[index])
+        if config.mode == "adaptive":
+            return adaptive
+        gate = GaussianGate(
+            gate_net(size),
+            low=config.tolerance_low,
+            high=config.tolerance_high,
+            initial_log10=math.log10(config.train_tol),
+            reduction="none" if config.per_sample else "mean",
+            explore=not (config.mode == "learned" and config.estimator == "probe"),
+        )
+        return gate.freeze() if config.mode == "frozen" else gate
+
+    return make
+
+
+@dataclass
+class ProbeCost:
+    """What a step's probes measured and cost. ``nfe_forward``: evaluations on ``rows`` samples
+    each; ``nfe_equivalent``: the same work in evaluations of a full training batch."""
+
+    nfe_forward: int = 0
+    rows: int = 0
+    nfe_equivalent: float = 0.0
+    error: float | None = None
+    budget: float | None = None
+    tolerance: float | None = None
+
+
+class ToleranceLearner:
+    """The tolerance side of a training step, per :class:`ToleranceConfig`."""
+
+    def __init__(self, config: ToleranceConfig, seed: int = 0) -> None:
+        self.config = config
+        self.seed = seed
+        self.baseline = RunningMeanBaseline(config.baseline_momentum)
+        self.estimator = ProbedGateEstimator(
+            draws=max(config.probe_draws, 2),
+            reference_tol=config.reference_tol,
+            fraction=config.budget_fraction,
+            penalty=config.penalty,
+        )
+
+    @property
+    def paper_estimator(self) -> bool:
+        return self.config.mode == "learned" and self.config.estimator == "paper"
+
+    def backward(self, loss: torch.Tensor, records: Sequence[SolveRecord], reward_loss: torch.Tensor) -> None:
+        """``loss.backward()``, plus the paper's REINFORCE surrogate (Eq. 7) when that estimator
+        is on. ``reward_loss``: the task loss as the return sees it (detached; a scalar, or
+        ``(batch,)`` for per-sample credit)."""
+        if not self.paper_estimator:
+            loss.backward()
+            return
+        reward_loss = self.config.reward_loss_weight * reward_loss.detach()
+        if self.config.reward_backward_nfe:  # backward NFE exist only after the first backward
+            loss.backward()
+            reinforce_loss(records, reward_loss, self.config.alpha, self.baseline, include_backward=True).backward()
+        else:
+            (loss + reinforce_loss(records, reward_loss, self.config.alpha, self.baseline)).backward()
+
+    def probe(
+        self, model: nn.Module, step: int, objective: Objective, batch_size: int, policies: Sequence[TolerancePolicy]
+    ) -> ProbeCost:
+        """Every ``probe_every`` steps: calibrate the adaptive policy, or add the probe
+        estimator's gradient to the gates' ``.grad``. Call after :meth:`backward`, before the
+        optimiser step. ``objective``: per-sample objective of the probe rows; ``batch_size``:
+        the training minibatch's; ``policies``: the model's solvers' policies."""
+        if not self.config.probes or step % self.config.probe_every != 0:
+            return ProbeCost()
+        noise_seed = (self.seed * 1_000_003 + step) % (2**31)
+        if self.config.mode == "adaptive":
+            policy = next(p for p in policies if isinstance(p, NoiseMatchedTolerance))
+            report = calibrate(policy, model, objective, noise_seed, batch_size, self.config.reference_tol)
+            error, budget, tolerance = report.error_current, policy.fraction * report.noise, report.tolerance_after
+            nfe, rows = report.nfe_forward, report.rows
+        else:
+            surrogate, probe_report = self.estimator.loss(model, objective, noise_seed, batch_size)
+            surrogate.backward()
+            error, budget = float(probe_report.error.mean()), probe_report.budget
+            tolerance = 10.0 ** float(probe_report.log10_tolerance.mean())
+            nfe, rows = probe_report.probe_nfe_forward, probe_report.rows
+        return ProbeCost(nfe, rows, nfe * rows / batch_size, error, budget, tolerance)
+
+    def state_dict(self) -> dict:
+        return {"baseline": self.baseline.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.baseline.load_state_dict(state["baseline"])
