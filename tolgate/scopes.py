@@ -68,7 +68,8 @@ def collect_records(module: nn.Module) -> Iterator[list[SolveRecord]]:
     try:
         yield entry[1]
     finally:
-        _COLLECTORS.remove(entry)
+        # By identity: two scopes over the same module hold equal entries.
+        _COLLECTORS[:] = [e for e in _COLLECTORS if e is not entry]
 
 
 @contextlib.contextmanager

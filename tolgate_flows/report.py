@@ -24,6 +24,7 @@ def row_metrics(summaries: Sequence[Mapping]) -> dict[str, str]:
         "bits/dim x": _fmt([t["bpd_marginal"] for t in test]),
         "train NFE fwd": _fmt([s["train_nfe_forward_mean"] for s in summaries], digits=1),
         "train NFE bwd": _fmt([s["train_nfe_backward_mean"] for s in summaries], digits=1),
+        "probe NFE (batch equiv.)": _fmt([s.get("train_probe_nfe_equivalent_mean", 0.0) for s in summaries], digits=1),
         "test NFE fwd": _fmt([t["nfe_forward"] for t in test], digits=1),
         "s/epoch": _fmt([s["seconds_per_epoch_mean"] for s in summaries], digits=1),
         "s/iter": _fmt([s["seconds_per_iteration_mean"] for s in summaries], digits=3),

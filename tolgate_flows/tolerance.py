@@ -95,13 +95,18 @@ class ToleranceConfig:
                 f"train_tol {self.train_tol!r} must lie in [tolerance_low, tolerance_high] = "
                 f"[{self.tolerance_low!r}, {self.tolerance_high!r}]"
             )
-        for name in ("probe_every", "probe_size", "probe_draws", "epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("alpha", "penalty", "budget_fraction", "adaptive_step"):
+        for name, least in (("probe_every", 1), ("probe_size", 2), ("probe_draws", 2), ("epochs", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        for name in ("alpha", "penalty"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+        for name in ("budget_fraction", "adaptive_step"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {value!r}")
 
     @property
     def probes(self) -> bool:
@@ -166,7 +171,7 @@ class ToleranceLearner:
         self.seed = seed
         self.baseline = RunningMeanBaseline(config.baseline_momentum)
         self.estimator = ProbedGateEstimator(
-            draws=max(config.probe_draws, 2),
+            draws=config.probe_draws,
             reference_tol=config.reference_tol,
             fraction=config.budget_fraction,
             penalty=config.penalty,

@@ -3,12 +3,14 @@
 One entry point (:func:`run`) configured by a :class:`TrainConfig`; experiments differ in
 configuration only. A training step, in order:
 
-1. every block's GatedSolver draws its tolerance (training policy) and records the solve;
+1. every block's GatedSolver takes its tolerance from its policy; the step's solves are collected
+   with :func:`tolgate.collect_records`;
 2. ``J = bits/dim(x|y) + beta * cross-entropy`` (Eq. 4) is formed from the model's output;
-3. for learned tolerances, :func:`tolgate.reinforce_loss` forms the REINFORCE surrogate from the
-   blocks' records in network order (Eq. 7); its gradient reaches only the gates;
-4. one backward of ``J + surrogate`` (or two, when the reward includes backward NFE, which is
-   known only after the first), gradients averaged over ranks, one optimiser step.
+3. :class:`~tolgate_flows.tolerance.ToleranceLearner` runs the backward: ``J`` alone, or with the
+   paper's REINFORCE surrogate (Eq. 7) for ``--estimator paper``;
+4. every ``probe_every`` steps it probes the batch's first ``probe_size`` rows: the probe
+   estimator adds the gates' gradient, the adaptive policy recalibrates its tolerance;
+5. gradients averaged over ranks, one optimiser step.
 
 Evaluation always uses the fixed tolerance ``eval_tol`` (never the sampled training tolerance) and
 the divergence estimator ``eval_divergence``, the same for every model.
@@ -38,23 +40,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from tolgate import (
-    ConvGate,
-    FixedTolerance,
-    GaussianGate,
-    RunningMeanBaseline,
-    ScheduledTolerance,
-    TolerancePolicy,
-    gated_solvers,
-    reinforce_loss,
-    set_progress,
-)
+from tolgate import ConvGate, FixedTolerance, GaussianGate, collect_records, gated_solvers, set_progress
 
 from . import plots
 from .data import bits_per_dim, derived_seed, load_dataset, make_batches
 from .models import FlowModel, ModelConfig, build_model, set_divergence
-
-TOLERANCE_MODES = ("fixed", "scheduled", "learned", "frozen", "gate-mean")
+from .tolerance import ToleranceConfig, ToleranceLearner, policy_factory
 
 
 @dataclass
@@ -82,6 +73,13 @@ class TrainConfig:
     baseline_momentum: float = 0.9
     reward_backward_nfe: bool = False
     reward_loss_weight: float = 1.0
+    estimator: str = "probe"
+    probe_every: int = 5
+    probe_size: int = 32
+    probe_draws: int = 4
+    budget_fraction: float = 0.1
+    penalty: float = 1.0
+    adaptive_step: float = 0.5
     seed: int = 0
     device: str = "cpu"
     out: str = "runs/default"
@@ -108,18 +106,36 @@ class TrainConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        if self.tolerance not in TOLERANCE_MODES:
-            raise ValueError(f"tolerance must be one of {TOLERANCE_MODES}, got {self.tolerance!r}")
-        if self.tolerance == "gate-mean" and not self.gate_mean_log10:
-            raise ValueError("tolerance 'gate-mean' needs gate_mean_log10 (per block), e.g. from --gate-mean-from")
-        for name in ("train_tol", "eval_tol", "schedule_end_tol"):
-            value = getattr(self, name)
-            if not (0 < value <= 1):
-                raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+        self.tolerance_config()  # validates the tolerance side
+        if not (0 < self.eval_tol <= 1):
+            raise ValueError(f"eval_tol must be in (0, 1], got {self.eval_tol!r}")
         if self.batch_size < 1 or self.epochs < 1 or self.lr <= 0:
             raise ValueError(
                 f"need batch_size >= 1, epochs >= 1, lr > 0; got {self.batch_size}, {self.epochs}, {self.lr}"
             )
+
+    def tolerance_config(self) -> ToleranceConfig:
+        """The tolerance side of the run; probes use the evaluation tolerance as their reference."""
+        return ToleranceConfig(
+            mode=self.tolerance,
+            train_tol=self.train_tol,
+            schedule_end_tol=self.schedule_end_tol,
+            epochs=self.epochs,
+            gate_mean_log10=self.gate_mean_log10,
+            per_sample=self.backend == "tolgate",
+            estimator=self.estimator,
+            alpha=self.alpha,
+            baseline_momentum=self.baseline_momentum,
+            reward_loss_weight=self.reward_loss_weight,
+            reward_backward_nfe=self.reward_backward_nfe,
+            probe_every=self.probe_every,
+            probe_size=self.probe_size,
+            probe_draws=self.probe_draws,
+            budget_fraction=self.budget_fraction,
+            penalty=self.penalty,
+            reference_tol=self.eval_tol,
+            adaptive_step=self.adaptive_step,
+        )
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -151,27 +167,6 @@ PRESETS: dict[str, dict] = {
 
 
 # ----------------------------------------------------------------------------- policies
-
-
-def policy_factory(config: TrainConfig):
-    """``(block_index, in_channels) -> TolerancePolicy`` for ``config.tolerance``."""
-    mode = config.tolerance
-
-    def make(index: int, channels: int) -> TolerancePolicy:
-        if mode == "fixed":
-            return FixedTolerance(config.train_tol)
-        if mode == "scheduled":
-            return ScheduledTolerance.log_linear(config.train_tol, config.schedule_end_tol, config.epochs, "epoch")
-        if mode == "gate-mean":
-            if index >= len(config.gate_mean_log10):
-                raise ValueError(f"gate_mean_log10 has {len(config.gate_mean_log10)} entries; block {index} has none")
-            return FixedTolerance(10.0 ** config.gate_mean_log10[index])
-        # The per-sample backend takes one tolerance per sample; torchdiffeq one per solve (the paper's).
-        reduction = "none" if config.backend == "tolgate" else "mean"
-        gate = GaussianGate(ConvGate(channels), initial_log10=math.log10(config.train_tol), reduction=reduction)
-        return gate.freeze() if mode == "frozen" else gate
-
-    return make
 
 
 def gate_mean_from_run(run_dir: str | Path) -> list[float]:
@@ -215,7 +210,8 @@ def build(config: TrainConfig, image_shape: tuple[int, int, int], n_classes: int
         adjoint=config.adjoint,
         backend=config.backend,
     )
-    model = build_model(model_config, policy_factory(config), eval_policy=FixedTolerance(config.eval_tol))
+    policies = policy_factory(config.tolerance_config(), gate_net=ConvGate)
+    model = build_model(model_config, policies, eval_policy=FixedTolerance(config.eval_tol))
     if config.seminorm:
         if not config.adjoint:
             raise ValueError("seminorm applies to the adjoint solve: set adjoint=True as well")
@@ -298,7 +294,6 @@ def evaluate(
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
     model.eval()
-    solvers = list(gated_solvers(model))
     totals = [0.0] * 6  # n, bpd_cond, bpd_marginal, errors, cross-entropy (sums), nfe_forward (per batch, all blocks)
     n_batches = 0
     for k, batch in enumerate(batches.epoch(0)):
@@ -306,7 +301,7 @@ def evaluate(
             break
         if batch.x.shape[0] == 0:
             continue
-        with _evaluation_noise(noise_seed, k, batch.x.device):
+        with _evaluation_noise(noise_seed, k, batch.x.device), collect_records(model) as records:
             outs = [model(batch.x, batch.y if model.conditional else None) for _ in range(draws)]
         out = outs[0]
         log_px = torch.stack([o.log_px for o in outs]).mean(dim=0)
@@ -317,7 +312,7 @@ def evaluate(
         if out.logits is not None:
             totals[3] += float((out.logits.argmax(dim=1) != batch.y).sum())
             totals[4] += float(torch.nn.functional.cross_entropy(out.logits, batch.y, reduction="sum"))
-        totals[5] += sum(s.records[-1].nfe_forward for s in solvers)
+        totals[5] += sum(r.nfe_forward for r in records) / draws
         n_batches += 1
     n, cond, marg, errors, ce, nfe = ranks.sum(totals, next(model.parameters()).device)
     batches_all = ranks.sum([float(n_batches)], next(model.parameters()).device)[0]
@@ -391,6 +386,7 @@ def _epoch_accumulator(n_blocks: int) -> dict:
         "nfe_forward": 0.0,
         "nfe_sample_mean": 0.0,
         "nfe_backward": 0.0,
+        "probe_nfe_equivalent": 0.0,
         "nfe_forward_block": [0.0] * n_blocks,
         "nfe_backward_block": [0.0] * n_blocks,
         "log10_tol": [[] for _ in range(n_blocks)],
@@ -409,6 +405,7 @@ def _finish_epoch(acc: dict, ranks: Dist, device: torch.device) -> dict:
         acc["nfe_forward"],
         acc["nfe_backward"],
         acc["nfe_sample_mean"],
+        acc["probe_nfe_equivalent"],
         *acc["nfe_forward_block"],
         *acc["nfe_backward_block"],
     ]
@@ -435,8 +432,11 @@ def _finish_epoch(acc: dict, ranks: Dist, device: torch.device) -> dict:
         "nfe_forward": summed[6] * per_iter,
         "nfe_backward": summed[7] * per_iter,
         "nfe_forward_sample_mean": summed[8] * per_iter,
-        "nfe_forward_per_block": [v * per_iter for v in summed[9 : 9 + n_blocks]],
-        "nfe_backward_per_block": [v * per_iter for v in summed[9 + n_blocks :]],
+        # Probes (adaptive policy, probe estimator): their forward evaluations, in evaluations of a
+        # full training batch (each probe evaluation runs on probe_size rows), per iteration.
+        "probe_nfe_equivalent": summed[9] * per_iter,
+        "nfe_forward_per_block": [v * per_iter for v in summed[10 : 10 + n_blocks]],
+        "nfe_backward_per_block": [v * per_iter for v in summed[10 + n_blocks :]],
         "nfe_forward_per_rank": ranks.gather(acc["nfe_forward"] / max(acc["iters"], 1), device),
         "tol_log10_mean": tol_mean,
         "tol_log10_std": tol_std,
@@ -500,6 +500,7 @@ def run(config: TrainConfig, resume: bool = False, stop_after_batches: int | Non
     torch.manual_seed(config.seed)  # identical initialisation on every rank
     model = build(config, dataset.image_shape, dataset.n_classes).to(device)
     solvers = list(gated_solvers(model))
+    policies = [solver.policy for solver in solvers]
     optimizer = make_optimizer(model, config)
 
     def lr_factor(step: int) -> float:
@@ -508,8 +509,8 @@ def run(config: TrainConfig, resume: bool = False, stop_after_batches: int | Non
         return warm * (config.lr_decay if decayed else 1.0)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    baseline = RunningMeanBaseline(config.baseline_momentum)
-    learned = config.tolerance == "learned"
+    learner = ToleranceLearner(config.tolerance_config(), seed=config.seed)
+    learned = config.tolerance in ("learned", "adaptive")
 
     metrics_path = out / "metrics.jsonl"
     start_epoch, start_batch, step, best = 0, 0, 0, None
@@ -520,7 +521,7 @@ def run(config: TrainConfig, resume: bool = False, stop_after_batches: int | Non
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        baseline.load_state_dict(state["baseline"])
+        learner.load_state_dict(state["learner"])
         restore_rng(state["rng"][ranks.rank].cpu(), device)
         start_epoch, start_batch, step, best = state["epoch"], state["batch"], state["step"], state["best"]
         acc = state["accumulator"]
@@ -545,7 +546,7 @@ def run(config: TrainConfig, resume: bool = False, stop_after_batches: int | Non
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
-                    "baseline": baseline.state_dict(),
+                    "learner": learner.state_dict(),
                     "rng": rng,
                     "accumulator": acc,
                     "config": asdict(config),
@@ -570,9 +571,9 @@ def run(config: TrainConfig, resume: bool = False, stop_after_batches: int | Non
                 t0 = time.perf_counter()
                 set_progress(model, step, epoch + b / iters_per_epoch)
                 y = batch.y if model.conditional else None
-                output = model(batch.x, y)
+                with collect_records(model) as records:
+                    output = model(batch.x, y)
                 loss, parts = model.loss(output, y, config.beta, dataset.levels)
-                records = [s.records[-1] for s in solvers]
                 optimizer.zero_grad(set_to_none=True)
                 # Per-sample tolerances are credited with each sample's own objective and NFE.
                 reward_loss = (
@@ -580,16 +581,10 @@ def run(config: TrainConfig, resume: bool = False, stop_after_batches: int | Non
                     if (config.backend == "tolgate")
                     else loss.detach()
                 )
-                # Eq. 7's return carries -L; weight 0 keeps only the NFE price (a variance cut where the
-                # tolerance does not move L, since L's batch-to-batch noise otherwise dominates the signal).
-                reward_loss = config.reward_loss_weight * reward_loss
-                if learned and config.reward_backward_nfe:
-                    loss.backward()
-                    reinforce_loss(records, reward_loss, config.alpha, baseline, include_backward=True).backward()
-                elif learned:
-                    (loss + reinforce_loss(records, reward_loss, config.alpha, baseline)).backward()
-                else:
-                    loss.backward()
+                learner.backward(loss, records, reward_loss)
+                probe_cost = learner.probe(
+                    model, step, _probe_objective(model, batch, config, dataset.levels), batch.x.shape[0], policies
+                )
                 average_gradients(model, ranks)
                 if config.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -599,6 +594,7 @@ def run(config: TrainConfig, resume: bool = False, stop_after_batches: int | Non
                 acc["seconds"] += time.perf_counter() - t0
                 acc["iters"] += 1
                 acc["images"] += batch.x.shape[0]
+                acc["probe_nfe_equivalent"] += probe_cost.nfe_equivalent
                 acc["loss"] += float(loss.detach())
                 acc["bpd"] += float(parts.bits_per_dim)
                 if parts.cross_entropy is not None:
@@ -672,6 +668,17 @@ def run(config: TrainConfig, resume: bool = False, stop_after_batches: int | Non
     return summary
 
 
+def _probe_objective(model: FlowModel, batch, config: TrainConfig, levels: int):
+    """The per-sample objective (Eq. 4) of the batch's first ``probe_size`` rows, as a closure for probes."""
+    x = batch.x[: config.probe_size]
+    y = batch.y[: config.probe_size] if model.conditional else None
+
+    def objective() -> torch.Tensor:
+        return per_sample_objective(model, model(x, y), y, config.beta, levels)
+
+    return objective
+
+
 def per_sample_objective(model: FlowModel, output, y, beta: float, levels: int) -> torch.Tensor:
     """Eq. 4 per sample, ``(batch,)``: bits/dim of x given y plus beta times its cross-entropy (nats)."""
     objective = bits_per_dim(output.log_px, model.dims, levels)
@@ -739,6 +746,8 @@ def summarize(config, model, out, best, dataset, test_batches, ranks) -> dict:
         "selected": selected,
         "train_nfe_forward_mean": sum(h["train"]["nfe_forward"] for h in history) / len(history),
         "train_nfe_backward_mean": sum(h["train"]["nfe_backward"] for h in history) / len(history),
+        "train_probe_nfe_equivalent_mean": sum(h["train"].get("probe_nfe_equivalent", 0.0) for h in history)
+        / len(history),
         "seconds_per_epoch_mean": sum(h["train"]["seconds"] for h in history) / len(history),
         "seconds_per_iteration_mean": sum(h["train"]["seconds_per_iteration"] for h in history) / len(history),
         "final_gate_log10_mean": history[-1]["train"]["tol_log10_mean"],
