@@ -599,7 +599,9 @@ def test_tolerance_config_rejects_bad_values(bad: dict) -> None:
         ToleranceConfig(**bad)
 
 
-@pytest.mark.parametrize("bad", [{"budget_fraction": 0.0}, {"adaptive_step": 0.0}, {"probe_every": math.nan}, {"probe_draws": 1}])
+@pytest.mark.parametrize(
+    "bad", [{"budget_fraction": 0.0}, {"adaptive_step": 0.0}, {"probe_every": math.nan}, {"probe_draws": 1}]
+)
 def test_tolerance_config_rejects_values_its_consumers_reject(bad: dict) -> None:
     with pytest.raises(ValueError):
         ToleranceConfig(**bad)
