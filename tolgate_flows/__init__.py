@@ -2,7 +2,9 @@
 
 Where things live: vector fields in :mod:`.odefuncs`, the CNF block in :mod:`.cnf`, the
 multiscale architecture in :mod:`.multiscale`, priors and classifier in :mod:`.conditioning`,
-the three model kinds and the loss in :mod:`.models`; data loaders in :mod:`.data`.
+the three model kinds and the loss in :mod:`.models`; data loaders in :mod:`.data`. The same
+kinds on vectors (1-D and 2-D testbeds) are in :mod:`.vector_flows`, the testbed runs in
+:mod:`.testbed` and their report in :mod:`.testbed_report`.
 """
 
 from .cnf import CNFBlock

@@ -18,6 +18,15 @@ What :func:`run_testbed` reports (``summary.json``), and why:
   block) against ``test_nll`` (same set, the fixed ``eval_tol``) shows whether it did.
 * ``integral_at_used_tol`` / ``integral_at_eval_tol``: the model's density integrated over the
   testbed's box; a density solved loosely need not integrate to one.
+
+Every key: ``testbed, kind, mode, estimator, seed, iterations``; ``nfe_forward, nfe_backward,
+probe_nfe_equivalent, nfe_total`` (per iteration); ``final_log10_tolerance`` (per block),
+``final_train_nll, final_train_cross_entropy`` (nats; ``None`` for cnf); at ``eval_tol``
+``test_nll`` (``-log p(x|y)``), ``test_nll_marginal`` (``-log p(x)``), ``test_error``,
+``test_nfe_forward``; at the final training tolerance ``test_nll_at_used_tol,
+test_error_at_used_tol``; ``integral_at_eval_tol, integral_at_used_tol``;
+``seconds_per_iteration`` (training, probes included), ``wall_seconds`` (the whole run);
+``config`` (``asdict`` of the :class:`TestbedConfig`).
 """
 
 from __future__ import annotations
@@ -63,8 +72,9 @@ class TestbedConfig:
     (the conditional kinds need a labelled testbed). ``lr`` is the flow's Adam step, ``gate_lr``
     the gates'. ``beta`` weighs the cross-entropy (nats) against the NLL (nats). ``eval_tol``:
     the fixed tolerance of every test solve; ``eval_size`` test samples. ``grid_points`` per
-    axis of the density integral (``None``: 2000 in 1-D, 150 in 2-D). ``float64``: model and
-    data in double precision. ``log_every``: iterations per line of ``log.jsonl``.
+    axis of the density integral (``None``: 2000 in 1-D, 200 in 2-D: steps of 0.01 and 0.1).
+    ``float64``: model and data in double precision. ``log_every``: iterations per line of
+    ``log.jsonl``. ``max_num_steps``: step budget of every solve.
     """
 
     __test__ = False  # not a pytest test class, whatever its name
@@ -76,7 +86,7 @@ class TestbedConfig:
     n_layers: int = 2
     batch: int = 256
     iterations: int = 1000
-    lr: float = 1e-3
+    lr: float = 1e-2
     gate_lr: float = 1e-2
     beta: float = 1.0
     seed: int = 0
@@ -115,7 +125,7 @@ class TestbedConfig:
     def points_per_axis(self) -> int:
         if self.grid_points is not None:
             return self.grid_points
-        return 2000 if self.data.dim == 1 else 150
+        return 2000 if self.data.dim == 1 else 200
 
     @property
     def dtype(self) -> torch.dtype:
@@ -227,21 +237,31 @@ def mean_log10_tolerance(record: SolveRecord) -> float:
     return math.log10(float(rtol.double().mean()) if isinstance(rtol, torch.Tensor) else rtol)
 
 
+@dataclass
+class HeldOutMetrics:
+    """Held-out metrics at one tolerance: ``nll`` ``-log p(x|y)`` (``-log p(x)`` for cnf) and
+    ``nll_marginal`` ``-log p(x)``, batch means in nats; ``error`` of the classifier (``None``
+    for cnf); ``nfe_forward`` of every block together."""
+
+    nll: float
+    nll_marginal: float
+    error: float | None
+    nfe_forward: int
+
+
 @torch.no_grad()
-def evaluate(model: VectorFlow, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, float | None]:
-    """Test metrics in eval mode at the solvers' current tolerance (``eval_policy`` unless
-    overridden): ``nll`` (``-log p(x|y)``, nats), ``nll_marginal`` (``-log p(x)``), ``error``
-    (classifier, ``None`` for cnf), ``nfe_forward`` (all blocks)."""
+def evaluate(model: VectorFlow, x: torch.Tensor, y: torch.Tensor | None) -> HeldOutMetrics:
+    """Eval mode, at the solvers' current tolerance (``eval_policy``, unless an override of
+    :func:`tolgate.use_policies` is active). ``x``: ``(B, dim)``; ``y``: ``(B,)`` or ``None``."""
     model.eval()
     with collect_records(model) as records:
         out = model(x, y)
-    error = None if out.logits is None else float((out.logits.argmax(1) != y).double().mean())
-    return {
-        "nll": float(-out.log_px.mean()),
-        "nll_marginal": float(-model.marginal_log_px(out).mean()),
-        "error": error,
-        "nfe_forward": sum(r.nfe_forward for r in records),
-    }
+    return HeldOutMetrics(
+        nll=float(-out.log_px.mean()),
+        nll_marginal=float(-model.marginal_log_px(out).mean()),
+        error=None if out.logits is None else float((out.logits.argmax(1) != y).double().mean()),
+        nfe_forward=sum(r.nfe_forward for r in records),
+    )
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -317,12 +337,12 @@ def _summarise(model: VectorFlow, config: TestbedConfig, stats: Sequence[StepSta
         "final_log10_tolerance": final["log10_tolerance"],
         "final_train_nll": final["nll"],
         "final_train_cross_entropy": final["cross_entropy"],
-        "test_nll": at_eval["nll"],
-        "test_nll_marginal": at_eval["nll_marginal"],
-        "test_error": at_eval["error"],
-        "test_nfe_forward": at_eval["nfe_forward"],
-        "test_nll_at_used_tol": at_used["nll"],
-        "test_error_at_used_tol": at_used["error"],
+        "test_nll": at_eval.nll,
+        "test_nll_marginal": at_eval.nll_marginal,
+        "test_error": at_eval.error,
+        "test_nfe_forward": at_eval.nfe_forward,
+        "test_nll_at_used_tol": at_used.nll,
+        "test_error_at_used_tol": at_used.error,
         "integral_at_eval_tol": integral_at_eval,
         "integral_at_used_tol": integral_at_used,
         "seconds_per_iteration": run["seconds_per_iteration"],
