@@ -36,7 +36,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     ),
     "3-infocnf-learned": (
         "InfoCNF, learned (GaussianGate + REINFORCE)",
-        ["--model", "infocnf", "--tolerance", "learned"],
+        ["--model", "infocnf", "--tolerance", "learned", "--estimator", "paper"],
     ),
     "4-infocnf-gate-mean": (
         "InfoCNF, fixed at the trained gates' mean (per block)",
@@ -63,26 +63,44 @@ ROWS: dict[str, tuple[str, list[str]]] = {
         "CNF (unconditional), fixed 1e-5",
         ["--model", "cnf", "--tolerance", "fixed", "--train-tol", "1e-5"],
     ),
-    "8b-cnf-learned": ("CNF (unconditional), learned", ["--model", "cnf", "--tolerance", "learned"]),
+    "8b-cnf-learned": (
+        "CNF (unconditional), learned",
+        ["--model", "cnf", "--tolerance", "learned", "--estimator", "paper"],
+    ),
     "9-infocnf-learned-per-sample": (
         "InfoCNF, learned per-sample tolerances, per-sample solver (issue 6)",
-        ["--model", "infocnf", "--tolerance", "learned", "--backend", "tolgate"],
+        ["--model", "infocnf", "--tolerance", "learned", "--estimator", "paper", "--backend", "tolgate"],
     ),
 }
 # Issue 4's "principled changes to the estimator", run after the main grid.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "3b-infocnf-learned-reward-bwd": (
         "InfoCNF, learned, reward includes backward NFE",
-        ["--model", "infocnf", "--tolerance", "learned", "--reward-backward-nfe"],
+        ["--model", "infocnf", "--tolerance", "learned", "--estimator", "paper", "--reward-backward-nfe"],
     ),
     "3c-infocnf-learned-alpha-0.1": (
         "InfoCNF, learned, alpha 0.1 (10x price per NFE)",
-        ["--model", "infocnf", "--tolerance", "learned", "--alpha", "0.1"],
+        ["--model", "infocnf", "--tolerance", "learned", "--estimator", "paper", "--alpha", "0.1"],
     ),
     "3d-infocnf-learned-nfe-only-return": (
         "InfoCNF, learned, return without the task loss (NFE price only)",
-        ["--model", "infocnf", "--tolerance", "learned", "--reward-loss-weight", "0"],
+        ["--model", "infocnf", "--tolerance", "learned", "--estimator", "paper", "--reward-loss-weight", "0"],
     ),
+}
+
+# Issue 9's digits study: does a learned tolerance (probe estimator) or the deterministic
+# noise-matched policy beat loosening? InfoCNF on the fixed-tolerance frontier extended to 1e-1,
+# 30 epochs of the cpu preset (300 iterations). Run with --study (its own results folder).
+STUDY: dict[str, tuple[str, list[str]]] = {
+    **{
+        f"s-fixed-1e-{k}": (
+            f"InfoCNF, fixed 1e-{k}",
+            ["--model", "infocnf", "--tolerance", "fixed", "--train-tol", f"1e-{k}"],
+        )
+        for k in (5, 3, 2, 1)
+    },
+    "s-learned-probe": ("InfoCNF, learned (probe estimator)", ["--model", "infocnf", "--tolerance", "learned"]),
+    "s-adaptive": ("InfoCNF, noise-matched (deterministic)", ["--model", "infocnf", "--tolerance", "adaptive"]),
 }
 
 # Paper's Table 1 (CIFAR-10, batch 900) and the unconditional CNF of Section 4.4, for the side-by-side.
@@ -172,11 +190,20 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (one CPU thread each)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report-only", action="store_true")
+    p.add_argument(
+        "--study",
+        action="store_true",
+        help="issue 9's digits study (STUDY rows, preset cpu, 30 epochs) into docs/results/digits_tolerance",
+    )
     p.add_argument("--common", nargs=argparse.REMAINDER, default=[], help="flags passed to every run (last)")
     args = p.parse_args()
-    all_rows = {**ROWS, **VARIANTS}
+    if args.study:
+        args.preset, args.epochs = "cpu", 30
+        if args.results == p.get_default("results"):
+            args.results = str(ROOT / "docs" / "results" / "digits_tolerance")
+    all_rows = {**ROWS, **VARIANTS, **STUDY}
     if not args.report_only:
-        names = args.rows or list(VARIANTS if args.variants else ROWS)
+        names = args.rows or list(STUDY if args.study else VARIANTS if args.variants else ROWS)
         # learned runs first: the gate-mean rows read their gates' means
         order = sorted(names, key=lambda n: 0 if n.startswith("3-") else 2 if n.startswith("4-") else 1)
         jobs = [(n, s) for s in args.seeds for n in order]
@@ -184,6 +211,11 @@ def main() -> None:
         with ThreadPoolExecutor(args.workers) as pool:
             for message in pool.map(lambda job: run_one(job[0], all_rows[job[0]][1], job[1], args), jobs):
                 print(message, flush=True)
+    if args.study:
+        from tolgate_flows.report import comparison_table
+
+        print(comparison_table(load_summaries(Path(args.results), STUDY)))
+        return
     from tolgate_flows.grid_report import write_report
 
     write_report(load_summaries(Path(args.results), all_rows), all_rows, PAPER, Path(args.results))
