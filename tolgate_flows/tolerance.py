@@ -69,8 +69,8 @@ class ToleranceConfig:
     baseline_momentum: float = 0.9
     reward_loss_weight: float = 1.0
     reward_backward_nfe: bool = False
-    probe_every: int = 5
-    probe_size: int = 64
+    probe_every: int = 10
+    probe_size: int = 32
     probe_draws: int = 4
     budget_fraction: float = 0.1
     penalty: float = 1.0
