@@ -38,3 +38,26 @@ def comparison_table(rows: Mapping[str, Mapping | Sequence[Mapping]]) -> str:
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(r[c] for c in columns) + " |" for name, r in rendered.items()]
     return "\n".join(lines)
+
+
+def learning_verdict(rows: Mapping[str, Mapping], learned: str, loosened: str, reference: str) -> str:
+    """One sentence: did the ``learned`` row beat simply ``loosened`` (a looser fixed tolerance)?
+
+    Cost is the training forward NFE plus the probes' (in full-batch evaluations); quality the test
+    bits/dim x|y at the evaluation tolerance. "Beat" means cheaper at a bits/dim no worse than the
+    looser row's by more than 0.01 (the issue's equal-quality margin on digits).
+    """
+
+    def cost(summary: Mapping) -> float:
+        return summary["train_nfe_forward_mean"] + summary.get("train_probe_nfe_equivalent_mean", 0.0)
+
+    def bpd(summary: Mapping) -> float:
+        return summary["selected"]["test"]["bpd_cond"]
+
+    a, b, ref = rows[learned], rows[loosened], rows[reference]
+    beat = cost(a) < cost(b) and bpd(a) <= bpd(b) + 0.01
+    return (
+        f"Learning {'beat' if beat else 'did not beat'} loosening: {learned} cost {cost(a):.1f} forward evaluations "
+        f"per iteration (probes included; {cost(a) / cost(ref):.2f}x {reference}) at {bpd(a):.4f} bits/dim, "
+        f"{loosened} {cost(b):.1f} ({cost(b) / cost(ref):.2f}x) at {bpd(b):.4f}."
+    )
