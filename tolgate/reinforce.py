@@ -34,6 +34,23 @@ Per-sample records (``nfe_per_sample`` and a ``(batch,)`` ``log_prob``) give eac
 return; batch-level records broadcast. The surrogate averages over the batch, so its scale does
 not depend on the batch size.
 
+Nothing non-finite is folded in. A NaN or infinite task loss, ``alpha`` or ``nfe_scale`` raises
+``ValueError`` before the baseline is touched: one bad batch would otherwise make the running
+mean NaN for good (every later advantage NaN, the gate's gradient NaN). Raising, not skipping,
+because the caller's own ``loss.backward()`` on that batch is just as poisoned and should stop
+the same way; the baseline stays usable if the caller catches the error and skips the batch.
+
+Two call orders lose the signal without an error, so they are detected:
+
+* ``include_backward=True`` before autograd's backward: every record still has
+  ``nfe_backward == 0``, which no solve that feeds the loss leaves behind, so
+  :func:`solve_rewards` raises instead of rewarding forward NFE only.
+* a training-mode solve under ``torch.no_grad``: :meth:`tolgate.GaussianGate.draw` computes its
+  distribution with grad enabled whenever the gate has trainable parameters, so ``log_prob``
+  stays differentiable whatever the grad mode of the solve around it (the probes rely on the
+  same). Records whose ``log_prob`` has no grad come only from frozen gates (or
+  ``torch.inference_mode``, where nothing is differentiable) and add no term.
+
 That is the paper's estimator, one draw per solve per batch. Its return is dominated by the
 batch-to-batch noise of ``L`` and it rewards solver error that lowers ``L``; the estimator that
 learns, :class:`tolgate.probes.ProbedGateEstimator`, draws several tolerances on the *same* batch
@@ -42,6 +59,7 @@ and forms :func:`leave_one_out_loss` from a reference-calibrated return instead.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -63,7 +81,13 @@ class RunningMeanBaseline:
         self.values: torch.Tensor | None = None
 
     def update(self, returns: torch.Tensor) -> torch.Tensor:
-        """Return the baseline for ``returns`` (shape ``(N,)`` or ``(N, batch)``), then fold them in."""
+        """Return the baseline for ``returns`` (shape ``(N,)`` or ``(N, batch)``), then fold them in.
+
+        Non-finite returns raise ``ValueError`` and leave the running mean as it was.
+        """
+        if returns.dim() == 0 or returns.shape[0] == 0:
+            raise ValueError(f"returns must have shape (N,) or (N, batch) with N >= 1, got {tuple(returns.shape)}")
+        _check_all_finite(returns, "returns")
         per_index = returns.detach().reshape(returns.shape[0], -1).mean(dim=1).to(torch.float64)
         if self.values is None or self.values.shape != per_index.shape:
             self.values = per_index.clone()
@@ -75,16 +99,71 @@ class RunningMeanBaseline:
         return {"momentum": self.momentum, "values": self.values}
 
     def load_state_dict(self, state: dict) -> None:
-        self.momentum = float(state["momentum"])
-        self.values = state["values"]
+        """Restore a :meth:`state_dict`; a momentum outside ``[0, 1)`` or non-finite values raise ``ValueError``."""
+        momentum = float(state["momentum"])
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        values = state["values"]
+        if values is not None:
+            if not isinstance(values, torch.Tensor) or values.dim() != 1:
+                raise ValueError(f"baseline values must be None or a tensor of shape (N,), got {values!r}")
+            _check_all_finite(values, "baseline values")
+        self.momentum, self.values = momentum, values
+
+
+def _check_all_finite(values: torch.Tensor, name: str) -> None:
+    """``ValueError`` naming ``name`` and its first bad entries unless every element is finite."""
+    bad = ~torch.isfinite(values.detach())
+    if bool(bad.any()):
+        shown = values.detach()[bad].flatten()[:4].tolist()
+        raise ValueError(
+            f"{name} has {int(bad.sum())} non-finite value(s) (e.g. {shown}): refusing to form a "
+            "REINFORCE return from them; the baseline is left unchanged"
+        )
+
+
+def _check_finite_number(value: float, name: str, low: float, inclusive: bool) -> None:
+    """``ValueError`` unless ``value`` is finite and ``>= low`` (``> low`` when not ``inclusive``)."""
+    number = float(value)
+    if not math.isfinite(number) or number < low or (not inclusive and number == low):
+        relation = ">=" if inclusive else ">"
+        raise ValueError(f"{name} must be finite and {relation} {low:g}, got {value!r}")
+
+
+def _check_backward_has_run(records: Sequence[SolveRecord]) -> None:
+    """``include_backward=True`` asks for backward NFE, which autograd's backward fills in. Every
+    record still at zero while some forward work was done means that backward has not run yet
+    (a solve that feeds the loss always costs at least one VJP); rewarding forward NFE alone
+    would silently drop the backward cost the caller asked for."""
+    forward_work = any(record.nfe_forward > 0 for record in records)
+    backward_seen = any(
+        record.nfe_backward > 0
+        or (
+            "nfe_backward_per_sample" in record.extra
+            and bool((torch.as_tensor(record.extra["nfe_backward_per_sample"]) > 0).any())
+        )
+        for record in records
+    )
+    if forward_work and not backward_seen:
+        raise ValueError(
+            f"include_backward=True but all {len(records)} record(s) have nfe_backward == 0 while their forward "
+            "solves evaluated the field: autograd's backward has not run through the solves yet. Call "
+            "loss.backward() first, then reinforce_loss(..., include_backward=True).backward(), or pass "
+            "include_backward=False to reward forward NFE only"
+        )
 
 
 def solve_rewards(
     records: Sequence[SolveRecord], include_backward: bool = False, nfe_scale: float = 1.0
 ) -> list[torch.Tensor]:
-    """``R_i = -NFE_i / nfe_scale`` per record: shape ``()``, or ``(batch,)`` for per-sample records."""
-    if nfe_scale <= 0:
-        raise ValueError(f"nfe_scale must be > 0, got {nfe_scale!r}")
+    """``R_i = -NFE_i / nfe_scale`` per record: shape ``()``, or ``(batch,)`` for per-sample records.
+
+    ``nfe_scale`` must be finite and > 0. With ``include_backward=True``, records whose backward
+    has not run yet (all ``nfe_backward == 0`` after forward work) raise ``ValueError``.
+    """
+    _check_finite_number(nfe_scale, "nfe_scale", 0.0, inclusive=False)
+    if include_backward:
+        _check_backward_has_run(records)
     rewards = []
     for record in records:
         if record.nfe_per_sample is not None:
@@ -100,10 +179,15 @@ def solve_rewards(
 
 
 def cumulative_returns(task_loss: torch.Tensor, rewards: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
-    """``r_i = -(L - alpha/N * sum_{j>=i} R_j)`` stacked to ``(N,)`` or ``(N, batch)``; ``L`` detached."""
+    """``r_i = -(L - alpha/N * sum_{j>=i} R_j)`` stacked to ``(N,)`` or ``(N, batch)``; ``L`` detached.
+
+    ``alpha`` must be finite and >= 0; a NaN or infinite ``task_loss`` raises ``ValueError``.
+    """
+    _check_finite_number(alpha, "alpha", 0.0, inclusive=True)
     n = len(rewards)
     if n == 0:
         raise ValueError("no solve records: nothing to form returns from")
+    _check_all_finite(task_loss, "task_loss")
     loss = task_loss.detach().to(torch.float64)
     shapes = {tuple(r.shape) for r in rewards} | ({tuple(loss.shape)} if loss.dim() else set())
     batch_shape = max(shapes, key=len)
@@ -128,9 +212,11 @@ def reinforce_loss(
     ``records``: the step's solves in network order (the order of Eq. 6's sum). Records without
     a differentiable ``log_prob`` (fixed, scheduled or frozen policies) still count in the
     returns but contribute no score term. Its gradient reaches only the gates' parameters.
+
+    Raises ``ValueError``, before ``baseline`` is updated, for a NaN or infinite ``task_loss``,
+    ``alpha`` or ``nfe_scale``, and for ``include_backward=True`` before autograd's backward.
     """
-    if alpha < 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha!r}")
+    _check_finite_number(alpha, "alpha", 0.0, inclusive=True)
     returns = cumulative_returns(task_loss, solve_rewards(records, include_backward, nfe_scale), alpha)
     advantages = returns - baseline.update(returns) if baseline is not None else returns
     terms = []
