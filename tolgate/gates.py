@@ -8,6 +8,8 @@ ablation, not a constant).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -26,6 +28,7 @@ class ConvGate(nn.Module):
 
     def __init__(self, in_channels: int, hidden: int = 16) -> None:
         super().__init__()
+        self.in_channels = in_channels
         self.features = nn.Sequential(
             nn.MaxPool2d(2, ceil_mode=True),
             nn.Conv2d(in_channels, hidden, 3, padding=1),
@@ -40,6 +43,11 @@ class ConvGate(nn.Module):
         self.head = _small_head(hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Checked here: a wrong context would otherwise surface as a convolution's weight-shape error.
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"ConvGate expects a context of shape (batch, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
         return self.head(self.features(x))
 
 
@@ -48,8 +56,16 @@ class MLPGate(nn.Module):
 
     def __init__(self, in_features: int, hidden: int = 32) -> None:
         super().__init__()
+        self.in_features = in_features
         self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.Tanh())
         self.head = _small_head(hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Checked here: a wrong context would otherwise surface as a raw matmul shape error.
+        features = math.prod(x.shape[1:]) if x.dim() >= 2 else None
+        if features != self.in_features:
+            raise ValueError(
+                f"MLPGate expects a context of shape (batch, {self.in_features}) (or (batch, *dims) with "
+                f"prod(dims) == {self.in_features}), got {tuple(x.shape)}"
+            )
         return self.head(self.body(x))

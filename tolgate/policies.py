@@ -196,6 +196,16 @@ class GaussianGate(TolerancePolicy):
     ``explore=False`` makes the gate *act* at its mean (no draw, no ``log_prob``): the setting for
     the probe estimator (:class:`~tolgate.probes.ProbedGateEstimator`), which explores on probes of
     the batch and leaves the training solve at the policy's best guess. :meth:`draw` always draws.
+
+    A draw's ``log_prob`` is differentiable whenever the gate has trainable parameters, even under
+    ``torch.no_grad``: a draw exists to be scored, and a training-mode solve run under ``no_grad``
+    (a probe, a cheap forward) would otherwise hand REINFORCE a ``log_prob`` without grad and the
+    gate's signal would vanish without an error. Only the gate's small network is recorded; the
+    solve itself keeps the caller's grad mode. A frozen gate's ``log_prob`` never requires grad.
+
+    ``initial_log10`` must lie in ``[log10(low), log10(high)]``: a mean outside the interval
+    clips every draw to the bound, where the censored ``log_prob`` is a flat tail and the gate
+    would start with almost no gradient.
     """
 
     def __init__(
@@ -216,10 +226,17 @@ class GaussianGate(TolerancePolicy):
             raise ValueError(f"need low < high, got low={low!r}, high={high!r}")
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-        if initial_std <= 0:
-            raise ValueError(f"initial_std must be > 0, got {initial_std!r}")
+        if not (math.isfinite(initial_std) and initial_std > 0):
+            raise ValueError(f"initial_std must be finite and > 0, got {initial_std!r}")
+        log10_low, log10_high = math.log10(low), math.log10(high)
+        if not (math.isfinite(initial_log10) and log10_low <= initial_log10 <= log10_high):
+            raise ValueError(
+                f"initial_log10 must lie in [log10(low), log10(high)] = [{log10_low:g}, {log10_high:g}] "
+                f"(low={low!r}, high={high!r}), got {initial_log10!r}: outside it every draw is clipped to "
+                "the bound and the gate starts without a useful gradient"
+            )
         self.net = net
-        self.log10_low, self.log10_high = math.log10(low), math.log10(high)
+        self.log10_low, self.log10_high = log10_low, log10_high
         self.reduction = reduction
         self.initial_log10, self.initial_log_std = float(initial_log10), math.log(initial_std)
         _validate_atol_ratio(atol_ratio)
@@ -250,15 +267,31 @@ class GaussianGate(TolerancePolicy):
             return self.deterministic(context, progress)
         return self.draw(context)
 
-    def draw(self, context: torch.Tensor, generator: torch.Generator | None = None) -> ToleranceChoice:
+    def draw(
+        self, context: torch.Tensor, generator: torch.Generator | None = None, std: float | None = None
+    ) -> ToleranceChoice:
         """One draw from the gate, with ``log_prob``; ``generator`` (on the context's device) keeps
-        the draw off the global RNG stream, so probes can share their Hutchinson noise."""
-        mu, sigma = self.distribution(context)
-        noise = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
-        draw = (mu + sigma * noise).detach()
-        log10_tol = draw.clamp(self.log10_low, self.log10_high)
-        log_prob = censored_normal_log_prob(log10_tol, mu, sigma, self.log10_low, self.log10_high)
+        the draw off the global RNG stream, so probes can share their Hutchinson noise.
+
+        ``std`` (decades) replaces the gate's own sigma by a constant: ``log_prob`` then depends on
+        the mean only. The probe estimator uses it: a gate that acts at its mean needs sigma only as
+        the smoothing width of its gradient estimate, and a learned sigma collapses (the NFE is a
+        step function of the tolerance, so narrow draws all cost the same and the signal vanishes).
+
+        The distribution is computed with grad enabled when the gate has trainable parameters, so
+        ``log_prob`` stays differentiable under ``torch.no_grad`` (see the class docstring)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() or self._trainable()):
+            mu, sigma = self.distribution(context)
+            if std is not None:
+                sigma = torch.full_like(mu, std)
+            noise = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+            draw = (mu + sigma * noise).detach()
+            log10_tol = draw.clamp(self.log10_low, self.log10_high)
+            log_prob = censored_normal_log_prob(log10_tol, mu, sigma, self.log10_low, self.log10_high)
         return self._choice(log10_tol, log_prob)
+
+    def _trainable(self) -> bool:
+        return any(p.requires_grad for p in self.parameters())
 
     def deterministic(self, context: torch.Tensor, progress: Progress) -> ToleranceChoice:
         mu, _ = self.distribution(context)
