@@ -8,8 +8,10 @@ labels: magic 0x00000801, dims (N,). Images stay 28x28 with one channel (no padd
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -41,23 +43,32 @@ def _locate(data_dir: Path, name: str) -> Path:
     raise DataNotFoundError(f"MNIST file {name} (or {name}.gz) not found under {data_dir}. {_WHERE_TO_PUT}")
 
 
-def _read_bytes(path: Path) -> bytes:
-    if path.suffix != ".gz":
-        return path.read_bytes()
-    try:
-        with gzip.open(path, "rb") as handle:
-            return handle.read()
-    except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: not a readable gzip file (truncated or corrupt): {exc}") from exc
+# Deflate cannot expand data by more than about 1032:1 (a 258-byte match costs at least two
+# bits), so a header promising more bytes than that lies about the file and is refused before
+# anything is decompressed. The slack covers the gzip header and trailer of tiny files.
+_MAX_DEFLATE_RATIO = 1032
+_GZIP_SLACK_BYTES = 1024
+_CHUNK_BYTES = 1 << 20
 
 
-def read_idx(path: Path, ndim: int) -> np.ndarray:
-    """Read an unsigned-byte IDX file with `ndim` dimensions; `DataError` names the file on any mismatch."""
-    raw = _read_bytes(path)
-    if len(raw) < 4:
-        raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX header")
-    zero_a, zero_b, type_code, file_ndim = raw[:4]
-    magic = int.from_bytes(raw[:4], "big")
+def _read_into(stream: BinaryIO, buffer: memoryview) -> int:
+    """Fill `buffer` from `stream` in chunks; return how many bytes came (fewer at end of data)."""
+    filled = 0
+    while filled < len(buffer):
+        got = stream.readinto(buffer[filled : filled + _CHUNK_BYTES])
+        if not got:
+            break
+        filled += got
+    return filled
+
+
+def _read_header(stream: BinaryIO, path: Path, ndim: int) -> tuple[int, tuple[int, ...]]:
+    """The header's byte length and dimensions; `DataError` naming `path` on a bad magic or truncation."""
+    head = stream.read(4)
+    if len(head) < 4:
+        raise DataError(f"{path}: {len(head)} bytes is too short for an IDX header")
+    zero_a, zero_b, type_code, file_ndim = head
+    magic = int.from_bytes(head, "big")
     expected_magic = (_UNSIGNED_BYTE << 8) | ndim
     if zero_a != 0 or zero_b != 0 or type_code != _UNSIGNED_BYTE or file_ndim != ndim:
         raise DataError(
@@ -65,14 +76,61 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
             f"(unsigned bytes, {ndim} dimension(s)); not the IDX file expected here"
         )
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated inside the IDX header ({len(raw)} of {header} bytes)")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = header + int(np.prod(dims))
-    if len(raw) != expected:
-        kind = "truncated" if len(raw) < expected else "has trailing bytes"
-        raise DataError(f"{path}: {kind}: header promises dims {dims}, i.e. {expected} bytes, file has {len(raw)}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
+    raw_dims = stream.read(4 * ndim)
+    if len(raw_dims) < 4 * ndim:
+        raise DataError(f"{path}: truncated inside the IDX header ({4 + len(raw_dims)} of {header} bytes)")
+    return header, tuple(int.from_bytes(raw_dims[4 * i : 4 * i + 4], "big") for i in range(ndim))
+
+
+def _check_size_before_reading(path: Path, header: int, dims: tuple[int, ...], gzipped: bool) -> None:
+    """Refuse, from the file's size on disk alone, a header whose dimensions the file cannot hold."""
+    # math.prod on Python ints cannot overflow (np.prod of four uint32 dims wraps around in int64).
+    expected = header + math.prod(dims)
+    size = path.stat().st_size
+    if not gzipped:
+        if size != expected:
+            kind = "truncated" if size < expected else "has trailing bytes"
+            raise DataError(f"{path}: {kind}: header promises dims {dims}, i.e. {expected} bytes, file has {size}")
+        return
+    limit = _MAX_DEFLATE_RATIO * size + _GZIP_SLACK_BYTES
+    if expected > limit:
+        raise DataError(
+            f"{path}: truncated or corrupt: header promises dims {dims}, i.e. {expected} bytes, more than a "
+            f"{size}-byte gzip file can hold (at most {limit} bytes at deflate's {_MAX_DEFLATE_RATIO}:1 ratio)"
+        )
+
+
+def _read_idx_stream(stream: BinaryIO, path: Path, ndim: int, gzipped: bool) -> np.ndarray:
+    header, dims = _read_header(stream, path, ndim)
+    _check_size_before_reading(path, header, dims, gzipped)
+    values = np.empty(math.prod(dims), dtype=np.uint8)
+    got = _read_into(stream, memoryview(values))
+    promise = f"header promises dims {dims}, i.e. {header + values.size} bytes"
+    source = "the decompressed data has" if gzipped else "the file has"
+    if got < values.size:
+        raise DataError(f"{path}: truncated: {promise}, {source} {header + got}")
+    # One byte more, never the rest: data past the promised size is refused without decompressing
+    # it all. At the end of a gzip stream this read also checks the CRC and length trailer.
+    if stream.read(1):
+        raise DataError(f"{path}: has trailing bytes: {promise}, {source} more")
+    return values.reshape(dims)
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Read an unsigned-byte IDX file with `ndim` dimensions; `DataError` names the file on any mismatch.
+
+    The header is read first and checked against the file's size (for a `.gz`, against the most
+    that deflate can expand it to); the values are then streamed into an array of exactly the
+    promised size, so neither a lying header nor an oversize `.gz` is ever read in full.
+    """
+    if path.suffix != ".gz":
+        with open(path, "rb") as handle:
+            return _read_idx_stream(handle, path, ndim, gzipped=False)
+    try:
+        with gzip.open(path, "rb") as stream:
+            return _read_idx_stream(stream, path, ndim, gzipped=True)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: not a readable gzip file (truncated or corrupt): {exc}") from exc
 
 
 def _read_split(data_dir: Path, split: str) -> ImageSplit:
