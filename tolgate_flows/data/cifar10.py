@@ -8,6 +8,12 @@ Python format (`cifar-10-batches-py/`, from cifar-10-python.tar.gz): `data_batch
 `data_batch_5` and `test_batch`, each a pickled dict with b"data" ((N, 3072) uint8, same layout) and
 b"labels" (N ints). They are read with `RestrictedUnpickler`, which refuses anything but arrays,
 containers and strings.
+
+Record counts: every official batch holds exactly 10000 records. A binary file cut on a record
+boundary is still a whole number of records, so the byte count alone cannot catch it; the count
+can. No batch may hold more than 10000 records, and all six batches must hold the same number,
+so a batch shorter than its siblings is refused, naming it. Six batches of one smaller, equal
+size are read as a reduced copy (test fixtures, a subset made on purpose).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from .safe_pickle import load_restricted_pickle
 CIFAR10_SHAPE = (3, 32, 32)
 CIFAR10_LEVELS = 256
 CIFAR10_CLASSES = 10
+CIFAR10_RECORDS_PER_BATCH = 10000
 _PIXELS = 3 * 32 * 32
 _RECORD_BYTES = 1 + _PIXELS
 _TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -55,6 +62,13 @@ def _find_folder(data_dir: Path) -> tuple[Path, str]:
 
 
 def _read_binary_batch(path: Path) -> ImageSplit:
+    size = path.stat().st_size
+    if size > CIFAR10_RECORDS_PER_BATCH * _RECORD_BYTES:
+        # Refused from the size on disk: a huge file is never read into memory.
+        raise DataError(
+            f"{path}: {size} bytes is more than {CIFAR10_RECORDS_PER_BATCH} records of {_RECORD_BYTES} bytes "
+            f"({CIFAR10_RECORDS_PER_BATCH * _RECORD_BYTES} bytes), the size of a CIFAR-10 batch; not a CIFAR-10 batch"
+        )
     records = np.fromfile(path, dtype=np.uint8)
     if records.size == 0 or records.size % _RECORD_BYTES != 0:
         raise DataError(
@@ -75,6 +89,30 @@ def _entry(batch: dict[Any, Any], key: str, path: Path) -> Any:
     raise DataError(f"{path}: the pickled dict has no {key!r} entry (keys: {sorted(map(repr, batch))})")
 
 
+def _labels_array(raw: Any, path: Path) -> np.ndarray:
+    """`raw` as a 1-D int64 array: a flat list (or tuple) of ints, or a 1-D integer array.
+
+    Checked by hand before numpy sees it: `np.asarray` of a deeply nested or ragged list raises
+    numpy's own error, which names no file, and huge ints would overflow.
+    """
+    if isinstance(raw, np.ndarray):
+        if raw.dtype.kind not in "iu":
+            raise DataError(f"{path}: 'labels' must be integers, got values of dtype {raw.dtype}")
+        if raw.ndim != 1:
+            raise DataError(f"{path}: 'labels' must be a flat sequence, got an array of shape {raw.shape}")
+        return raw.astype(np.int64)
+    if not isinstance(raw, (list, tuple)):
+        raise DataError(f"{path}: 'labels' must be a list of integers, got {type(raw).__name__}")
+    for index, value in enumerate(raw):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise DataError(
+                f"{path}: 'labels' must be a flat list of integers; entry {index} is a {type(value).__name__}"
+            )
+        if not 0 <= int(value) < CIFAR10_CLASSES:
+            raise DataError(f"{path}: labels must lie in [0, {CIFAR10_CLASSES - 1}]; entry {index} is {int(value)}")
+    return np.array([int(v) for v in raw], dtype=np.int64)
+
+
 def _read_python_batch(path: Path) -> ImageSplit:
     batch = load_restricted_pickle(path)
     if not isinstance(batch, dict):
@@ -85,28 +123,45 @@ def _read_python_batch(path: Path) -> ImageSplit:
         raise DataError(f"{path}: {wanted}, got {type(data).__name__}")
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _PIXELS:
         raise DataError(f"{path}: {wanted}, got a {data.dtype} array of shape {data.shape}")
-    raw_labels = _entry(batch, "labels", path)
-    labels = np.asarray(raw_labels)
-    if labels.dtype.kind not in "iu":
-        raise DataError(f"{path}: 'labels' must be integers, got values of dtype {labels.dtype}")
-    labels = labels.astype(np.int64)
+    labels = _labels_array(_entry(batch, "labels", path), path)
     if labels.shape != (data.shape[0],):
         raise DataError(f"{path}: {data.shape[0]} images but 'labels' has shape {labels.shape}")
     images = torch.from_numpy(np.ascontiguousarray(data).reshape(-1, *CIFAR10_SHAPE).copy())
     return ImageSplit(images, torch.from_numpy(labels))
 
 
-def _read_batches(folder: Path, fmt: str, names: tuple[str, ...]) -> ImageSplit:
+def _check_record_counts(counts: dict[Path, int]) -> None:
+    """Every batch holds at most 10000 records, and all hold the same number (module docstring)."""
+    for path, count in counts.items():
+        if count > CIFAR10_RECORDS_PER_BATCH:
+            raise DataError(
+                f"{path}: holds {count} records, more than the {CIFAR10_RECORDS_PER_BATCH} of a CIFAR-10 batch"
+            )
+    most = max(counts.values())
+    short = [f"{path} holds {count} records" for path, count in counts.items() if count < most]
+    if short:
+        raise DataError(
+            f"{'; '.join(short)}, but the other CIFAR-10 batches hold {most} each (the official "
+            f"batches hold {CIFAR10_RECORDS_PER_BATCH}): truncated, possibly on a record boundary, or from "
+            "another copy of the dataset"
+        )
+
+
+def _read_batches(folder: Path, fmt: str, names: tuple[str, ...]) -> dict[Path, ImageSplit]:
     paths = [folder / (name + ".bin" if fmt == "bin" else name) for name in names]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise DataNotFoundError(f"missing CIFAR-10 file(s): {', '.join(missing)}. {_WHERE_TO_PUT}")
     reader = _read_binary_batch if fmt == "bin" else _read_python_batch
-    parts = [reader(p) for p in paths]
-    for path, part in zip(paths, parts, strict=True):
+    parts = {p: reader(p) for p in paths}
+    for path, part in parts.items():
         validate_split(
             part, levels=CIFAR10_LEVELS, n_classes=CIFAR10_CLASSES, image_shape=CIFAR10_SHAPE, source=str(path)
         )
+    return parts
+
+
+def _concatenate(parts: list[ImageSplit]) -> ImageSplit:
     return ImageSplit(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
 
 
@@ -114,10 +169,14 @@ def load_cifar10(data_dir: str | Path | None) -> tuple[ImageSplit, ImageSplit, s
     """Read CIFAR-10's official training and test sets from `data_dir`.
 
     Returns (train, test, folder): train (50000, 3, 32, 32) uint8 for the official files, test
-    (10000, ...), and the folder read. Every file is validated (record size, shapes, label range).
-    Raises `DataNotFoundError` (saying where to put the files) when they are absent.
+    (10000, ...), and the folder read. Every file is validated (record size, record count, shapes,
+    label range). Raises `DataNotFoundError` (saying where to put the files) when they are absent
+    and `DataError` naming the file when one is malformed.
     """
     if data_dir is None:
         raise DataNotFoundError(f"CIFAR-10 needs a data_dir. {_WHERE_TO_PUT}")
     folder, fmt = _find_folder(Path(data_dir))
-    return _read_batches(folder, fmt, _TRAIN_BATCHES), _read_batches(folder, fmt, (_TEST_BATCH,)), str(folder)
+    train = _read_batches(folder, fmt, _TRAIN_BATCHES)
+    test = _read_batches(folder, fmt, (_TEST_BATCH,))
+    _check_record_counts({path: len(part) for path, part in (train | test).items()})
+    return _concatenate(list(train.values())), _concatenate(list(test.values())), str(folder)
