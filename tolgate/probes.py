@@ -163,14 +163,14 @@ class _SeededDraw(TolerancePolicy):
     """A gate's draw from its own generator, with a differentiable ``log_prob`` even under the
     probe's ``no_grad``; other policies pass through unchanged."""
 
-    def __init__(self, policy: TolerancePolicy, generator: torch.Generator) -> None:
+    def __init__(self, policy: TolerancePolicy, generator: torch.Generator, std: float | None) -> None:
         super().__init__()
-        self.policy, self.generator = policy, generator
+        self.policy, self.generator, self.std = policy, generator, std
 
     def forward(self, context: torch.Tensor, progress: Progress) -> ToleranceChoice:
         if isinstance(self.policy, GaussianGate):
             with torch.enable_grad():
-                return self.policy.draw(context, self.generator)
+                return self.policy.draw(context, self.generator, self.std)
         return self.policy(context, progress)
 
 
@@ -204,6 +204,11 @@ class ProbedGateEstimator:
     rewarded, and the batch-to-batch noise of ``L`` (common to every draw of one batch) is gone
     from the return. The score-function surrogate uses the leave-one-out baseline over the draws
     (:func:`tolgate.reinforce.leave_one_out_loss`), which is unbiased and needs no running state.
+
+    Draws are ``N(mu, exploration_std^2)`` in ``log10`` units around each gate's mean (``None``:
+    the gate's own sigma). The gate acts at its mean, so the spread is only the smoothing width of
+    the gradient estimate; a learned one collapses, because the NFE is a step function of the
+    tolerance and draws narrower than one step all cost the same.
     """
 
     def __init__(
@@ -212,7 +217,10 @@ class ProbedGateEstimator:
         reference_tol: float = 1e-5,
         fraction: float = 0.1,
         penalty: float = 1.0,
+        exploration_std: float | None = 0.3,
     ) -> None:
+        if exploration_std is not None and not (math.isfinite(exploration_std) and exploration_std > 0):
+            raise ValueError(f"exploration_std must be finite and > 0 (decades) or None, got {exploration_std!r}")
         if not isinstance(draws, int) or draws < 2:
             raise ValueError(f"draws must be an int >= 2 (the leave-one-out baseline needs two), got {draws!r}")
         FixedTolerance(reference_tol)  # validates it
@@ -221,6 +229,7 @@ class ProbedGateEstimator:
         if not (math.isfinite(penalty) and penalty >= 0):
             raise ValueError(f"penalty must be finite and >= 0, got {penalty!r}")
         self.draws, self.reference_tol, self.fraction, self.penalty = draws, reference_tol, fraction, penalty
+        self.exploration_std = exploration_std
 
     def loss(
         self, module: nn.Module, objective: Objective, noise_seed: int, batch_size: int
@@ -253,7 +262,9 @@ class ProbedGateEstimator:
     def _draw(self, module: nn.Module, objective: Objective, noise_seed: int, k: int) -> Probe:
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         generator = torch.Generator(device=device).manual_seed((noise_seed * 7919 + 104729 * (k + 1)) % (2**63))
-        return run_probe(module, objective, lambda solver: _SeededDraw(solver.policy, generator), noise_seed)
+        return run_probe(
+            module, objective, lambda solver: _SeededDraw(solver.policy, generator, self.exploration_std), noise_seed
+        )
 
     @staticmethod
     def _surrogate(probes: list[Probe], rewards: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,8 @@ class ToleranceConfig:
     ``train_tol``: the fixed tolerance, and where schedules, gates and the adaptive policy start.
     ``alpha``, ``baseline_momentum``, ``reward_loss_weight``, ``reward_backward_nfe``: the paper
     estimator's Eq. 6-7 settings. ``probe_*``, ``budget_fraction``, ``penalty``: the probe
-    estimator's and the adaptive policy's; ``reference_tol`` is their tight reference solve.
+    estimator's and the adaptive policy's; ``reference_tol`` is their tight reference solve;
+    ``exploration_std`` the probe estimator's spread of draws around each gate's mean (decades).
     """
 
     mode: str = "fixed"
@@ -74,6 +75,7 @@ class ToleranceConfig:
     probe_draws: int = 4
     budget_fraction: float = 0.1
     penalty: float = 1.0
+    exploration_std: float = 0.3
     reference_tol: float = 1e-5
     adaptive_step: float = 0.5
     tolerance_low: float = 1e-8
@@ -103,7 +105,7 @@ class ToleranceConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-        for name in ("budget_fraction", "adaptive_step"):
+        for name in ("budget_fraction", "adaptive_step", "exploration_std"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be finite and > 0, got {value!r}")
@@ -175,6 +177,7 @@ class ToleranceLearner:
             reference_tol=config.reference_tol,
             fraction=config.budget_fraction,
             penalty=config.penalty,
+            exploration_std=config.exploration_std,
         )
 
     @property
