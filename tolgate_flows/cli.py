@@ -1,17 +1,34 @@
-"""Command line of the training entry point (benchmarks/cifar_infocnf.py)."""
+"""Command line of the training entry point (benchmarks/cifar_infocnf.py).
+
+Every flag maps to a :class:`~tolgate_flows.train.TrainConfig` field; its help shows the value a
+run uses when the flag is left out (the field's default, and each preset's where it differs).
+User errors (a bad value, a missing data file, a refused output folder, a solve that broke its
+step budget) print one line ``error: <message>`` to stderr and exit with status 2, as argparse
+does; a traceback means a bug. Ctrl-C exits with status 130 after saving (see
+:class:`~tolgate_flows.train.StopSignal`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import textwrap
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any, NoReturn
 
-from tolgate.solver import ADAPTIVE_METHODS
+from tolgate import SolveError, StepBudgetExceeded
+from tolgate.solver import ADAPTIVE_METHODS, BACKENDS
 
+from .checkpoints import RESUME_MAY_CHANGE, check_output_folder, flag_of, stored_config
+from .cnf import DIVERGENCES, NOISES
+from .conditioning import ZY_LOCATIONS
+from .data import DATASET_NAMES
+from .models import MODEL_KINDS
 from .report import comparison_table
 from .tolerance import ESTIMATORS, TOLERANCE_MODES
-from .train import PRESETS, TrainConfig, gate_mean_from_run, run
+from .train import PRESETS, STOP_GRACE_SECONDS, TrainConfig, gate_mean_from_run, run
 
 # The README's main job: Table 1's three rows on the bundled digits, then the question the
 # library exists for: does a learned tolerance beat simply loosening a fixed one? Rows: name and
@@ -24,87 +41,181 @@ COMPARISON: tuple[tuple[str, dict], ...] = (
     ("infocnf-learned", dict(model="infocnf", tolerance="learned", estimator="probe")),
     ("infocnf-adaptive", dict(model="infocnf", tolerance="adaptive")),
 )
+_DEFAULTS = TrainConfig()
+DEFAULT_OUT = _DEFAULTS.out
+# Exit statuses: argparse's for a refused command line, the shell's for Ctrl-C.
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+# What a user can cause; anything else is a bug and keeps its traceback. (The data package's
+# DataError and the output folder's RunFolderError are ValueErrors.)
+USER_ERRORS = (ValueError, TypeError, OSError, SolveError)
+
+# How a ``None`` default reads in --help.
+_NONE_MEANS = {
+    "data_dir": "none",
+    "gate_lr": "--lr",
+    "lr_decay_epoch": "never",
+    "grad_clip": "off",
+    "n_scales": "by image size",
+    "eval_noise_seed": "unseeded",
+    "max_train_batches": "all",
+    "max_eval_batches": "all",
+    "max_num_steps": "unlimited",
+}
+
+_MAY_CHANGE = ", ".join(sorted(flag_of(name) for name in RESUME_MAY_CHANGE))
+_EPILOG = "\n\n".join(
+    textwrap.fill(paragraph, 100, break_on_hyphens=False)
+    for paragraph in (
+        "output folder: a run refuses an --out that holds an earlier run's outputs (nothing there is changed): "
+        "continue it with --resume or choose a new --out. --resume continues from OUT/last.pt; flags left out "
+        f"keep their stored values, flags given must equal them except {_MAY_CHANGE} (--epochs not under "
+        "--tolerance scheduled). Without last.pt, --resume starts a fresh run only if OUT holds no outputs.",
+        "stopping: the first Ctrl-C finishes the current iteration, saves last.pt and exits with status 130; a "
+        f"second Ctrl-C, or the first after {STOP_GRACE_SECONDS:g} s, stops at once and saves the last completed "
+        "iteration. A solve that needs more than --max-num-steps steps stops the run with an error (its last "
+        "completed iteration saved).",
+        "errors: a bad value, missing data, a refused folder or a broken step budget prints one line "
+        '"error: ..." and exits with status 2; a traceback is a bug.',
+    )
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other user error of this command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"error: {message} (see --help)\n")
+
+
+def _show(name: str, value: Any) -> str:
+    if value is None:
+        return _NONE_MEANS.get(name, "none")
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def default_text(name: str) -> str:
+    """``(default: X; preset P Y, ...)``: the value a run uses for field ``name`` when its flag is left out."""
+    default = _field_default(name)
+    text = f"default: {_show(name, default)}"
+    differing = [
+        f"{preset} {_show(name, values[name])}"
+        for preset, values in PRESETS.items()
+        if name in values and values[name] != default
+    ]
+    if differing:
+        text += "; preset " + ", ".join(differing)
+    return f"({text})".replace("%", "%%")
+
+
+def _field_default(name: str) -> Any:
+    return getattr(_DEFAULTS, name)
+
+
+def _option(p: argparse.ArgumentParser, flag: str, help: str = "", field: str | None = None, **kwargs: Any) -> None:
+    """``p.add_argument(flag)`` whose help ends with the value used when the flag is left out."""
+    name = field or flag[2:].replace("-", "_")
+    text = f"{help} {default_text(name)}".strip()
+    p.add_argument(flag, help=text, **kwargs)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         description="Train CNF / CCNF / InfoCNF with fixed, scheduled or learned ODE tolerances.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", choices=sorted(PRESETS), help="base settings; explicit flags override them")
-    p.add_argument("--dataset", choices=["cifar10", "mnist", "digits"])
-    p.add_argument("--data-dir", help="folder holding cifar-10-batches-bin (or -py) / the MNIST IDX files")
-    p.add_argument("--model", choices=["cnf", "ccnf", "infocnf"])
-    p.add_argument("--tolerance", choices=TOLERANCE_MODES)
-    p.add_argument("--train-tol", type=float, help="fixed training tolerance; start of schedules and gates")
-    p.add_argument("--eval-tol", type=float, help="fixed tolerance of every evaluation")
-    p.add_argument("--schedule-end-tol", type=float, help="scheduled: tolerance reached at the last epoch")
+    _option(p, "--dataset", choices=DATASET_NAMES)
+    _option(p, "--data-dir", help="folder holding cifar-10-batches-bin (or -py) / the MNIST IDX files")
+    _option(p, "--model", choices=MODEL_KINDS)
+    _option(p, "--tolerance", choices=TOLERANCE_MODES)
+    _option(p, "--train-tol", type=float, help="fixed training tolerance; start of schedules and gates")
+    _option(p, "--eval-tol", type=float, help="fixed tolerance of every evaluation")
+    _option(p, "--schedule-end-tol", type=float, help="scheduled: tolerance reached at the last epoch")
     p.add_argument("--gate-mean-from", help="gate-mean: a learned run's output folder to read gate means from")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--gate-lr", type=float, help="learning rate of the gates (default: --lr)")
-    p.add_argument("--lr-decay-epoch", type=int)
-    p.add_argument("--warmup-iters", type=int)
-    p.add_argument("--grad-clip", type=float)
-    p.add_argument("--beta", type=float, help="weight of the cross-entropy (nats) against bits/dim (Eq. 4)")
-    p.add_argument("--alpha", type=float, help="REINFORCE price of one NFE (Eq. 6)")
-    p.add_argument(
+    _option(p, "--batch-size", type=int)
+    _option(p, "--epochs", type=int)
+    _option(p, "--lr", type=float)
+    _option(p, "--gate-lr", type=float, help="learning rate of the gates")
+    _option(p, "--lr-decay-epoch", type=int, help="multiply the learning rates by 0.1 from this epoch on")
+    _option(p, "--warmup-iters", type=int, help="linear learning-rate warm-up over this many iterations")
+    _option(p, "--grad-clip", type=float, help="clip the gradient norm at this value")
+    _option(p, "--beta", type=float, help="weight of the cross-entropy (nats) against bits/dim (Eq. 4)")
+    _option(p, "--alpha", type=float, help="REINFORCE price of one NFE (Eq. 6)")
+    _option(
+        p,
         "--reward-backward-nfe",
         action="store_true",
         default=None,
         help="reward -(forward + backward) NFE instead of forward NFE",
     )
-    p.add_argument(
+    _option(
+        p,
         "--reward-loss-weight",
         type=float,
         help="weight of the task loss inside the REINFORCE return (Eq. 7 uses 1; 0: NFE only)",
     )
-    p.add_argument(
+    _option(
+        p,
         "--estimator",
         choices=ESTIMATORS,
         help="learned: 'probe' (draws on a probe of the batch, reference-calibrated return) or 'paper' (Eq. 7)",
     )
-    p.add_argument("--probe-every", type=int, help="probe estimator / adaptive: probe every N iterations")
-    p.add_argument("--probe-size", type=int, help="rows of the batch each probe solves")
-    p.add_argument("--probe-draws", type=int, help="probe estimator: gate draws per probe (>= 2)")
-    p.add_argument(
+    _option(p, "--probe-every", type=int, help="probe estimator / adaptive: probe every N iterations")
+    _option(p, "--probe-size", type=int, help="rows of the batch each probe solves")
+    _option(p, "--probe-draws", type=int, help="probe estimator: gate draws per probe (>= 2)")
+    _option(
+        p,
         "--budget-fraction",
         type=float,
         help="solver-error budget as a fraction of the minibatch loss's standard error (probe, adaptive)",
     )
-    p.add_argument("--penalty", type=float, help="probe estimator: weight of exceeding the solver-error budget")
-    p.add_argument("--adaptive-step", type=float, help="adaptive: decades moved per calibration")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device")
-    p.add_argument("--out", help="output folder (metrics.jsonl, checkpoints, plots, summary.json)")
-    p.add_argument("--hidden", type=int)
-    p.add_argument("--n-flows", type=int)
-    p.add_argument("--n-scales", type=int)
-    p.add_argument("--method", choices=ADAPTIVE_METHODS)
-    p.add_argument("--adjoint", action="store_true", default=None)
-    p.add_argument(
+    _option(p, "--penalty", type=float, help="probe estimator: weight of exceeding the solver-error budget")
+    _option(p, "--adaptive-step", type=float, help="adaptive: decades moved per calibration")
+    _option(p, "--seed", type=int)
+    _option(p, "--device", help="cpu, cuda, cuda:1, ...")
+    _option(p, "--out", help="output folder (metrics.jsonl, checkpoints, plots, summary.json)")
+    _option(p, "--hidden", type=int, help="filters of each ODE net's convolutions")
+    _option(p, "--n-flows", type=int, help="CNF blocks on each side of every squeeze")
+    _option(p, "--n-scales", type=int)
+    _option(p, "--method", choices=ADAPTIVE_METHODS)
+    _option(p, "--adjoint", action="store_true", default=None, help="adjoint backward pass")
+    _option(
+        p,
         "--backend",
-        choices=["torchdiffeq", "tolgate"],
+        choices=BACKENDS,
         help="tolgate: per-sample step sizes and (with learned gates) per-sample tolerances",
     )
-    p.add_argument("--seminorm", action="store_true", default=None, help="seminorm adjoint (needs --adjoint)")
-    p.add_argument("--noise", choices=["rademacher", "gaussian"])
-    p.add_argument("--zy-fraction", type=float)
-    p.add_argument("--zy-location", choices=["first-scale", "top-scale"])
-    p.add_argument("--eval-divergence", choices=["hutchinson", "exact"])
-    p.add_argument("--eval-draws", type=int, help="Hutchinson draws averaged per test image")
-    p.add_argument(
+    _option(p, "--seminorm", action="store_true", default=None, help="seminorm adjoint (needs --adjoint)")
+    _option(p, "--max-num-steps", type=int, help="step budget of every solve; a solve that needs more stops the run")
+    _option(p, "--noise", choices=NOISES)
+    _option(p, "--zy-fraction", type=float)
+    _option(p, "--zy-location", choices=ZY_LOCATIONS)
+    _option(p, "--eval-divergence", choices=DIVERGENCES)
+    _option(p, "--eval-draws", type=int, help="Hutchinson draws averaged per test image")
+    _option(
+        p,
         "--eval-noise-seed",
         type=int,
         help="seed the evaluation noise per batch: every model and tolerance sees the same draws",
     )
-    p.add_argument("--max-train-batches", type=int)
-    p.add_argument("--max-eval-batches", type=int)
-    p.add_argument("--recheck-tols", type=float, nargs="*", help="re-evaluate the selected checkpoint at these")
-    p.add_argument("--sample-every", type=int, help="write a class-conditional sample grid every N epochs")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    _option(p, "--eval-batch-size", type=int, help="images per evaluation batch")
+    _option(p, "--max-train-batches", type=int, help="iterations per epoch")
+    _option(p, "--max-eval-batches", type=int, help="batches per evaluation")
+    _option(p, "--recheck-tols", type=float, nargs="*", help="re-evaluate the selected checkpoint at these")
+    _option(p, "--sample-every", type=int, help="write a class-conditional sample grid every N epochs (0: never)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (shown by default)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue from OUT/last.pt; flags left out keep their stored values; only {_MAY_CHANGE} may "
+        "differ from them (see below)",
+    )
     p.add_argument(
         "--compare",
         action="store_true",
@@ -114,10 +225,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
-    values = asdict(TrainConfig(out="runs/default"))
-    if args.preset:
-        values.update(PRESETS[args.preset])
+def explicit_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the command line names: its preset's, then every flag given."""
+    values = dict(PRESETS[args.preset]) if args.preset else {}
     for f in fields(TrainConfig):
         flag = getattr(args, f.name, None)
         if flag is not None:
@@ -126,32 +236,62 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         values["progress_bar"] = False
     if args.gate_mean_from:
         values["gate_mean_log10"] = gate_mean_from_run(args.gate_mean_from)
-    values.update(overrides)
+    return values
+
+
+def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
+    """The run's configuration: defaults (with ``--resume``, the stored run's configuration
+    instead), then the preset, the flags given and ``overrides``."""
+    explicit = {**explicit_values(args), **overrides}
+    out = explicit.get("out") or DEFAULT_OUT
+    values = asdict(_DEFAULTS)
+    stored = stored_config(Path(out)) if args.resume else None
+    if stored:
+        values.update({k: v for k, v in stored.items() if k in values})
+    values.update(explicit)
+    values["out"] = out
     return TrainConfig.from_dict(values)
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the command line; user errors exit with status 2 and one line on stderr."""
     args = parser().parse_args(argv)
+    try:
+        status = _run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except USER_ERRORS as exc:
+        print(f"error: {_user_message(exc)}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
+    if status:
+        raise SystemExit(status)
+
+
+def _user_message(exc: BaseException) -> str:
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, StepBudgetExceeded):
+        message += f" (raise --max-num-steps, default {_field_default('max_num_steps')}, or loosen the tolerance)"
+    return message
+
+
+def _run(args: argparse.Namespace) -> int:
     if not args.compare:
         summary = run(config_from_args(args), resume=args.resume)
-        if not summary.get("interrupted"):
-            print(
-                json.dumps(
-                    {
-                        k: summary[k]
-                        for k in (
-                            "selected_epoch",
-                            "train_nfe_forward_mean",
-                            "train_nfe_backward_mean",
-                            "seconds_per_epoch_mean",
-                        )
-                    }
-                )
-            )
-        return
+        if summary.get("interrupted"):
+            return EXIT_INTERRUPTED
+        keys = ("selected_epoch", "train_nfe_forward_mean", "train_nfe_backward_mean", "seconds_per_epoch_mean")
+        print(json.dumps({k: summary[k] for k in keys}))
+        return 0
     base = Path(args.out or "runs/compare")
+    configs = [(name, config_from_args(args, **settings, out=str(base / name))) for name, settings in COMPARISON]
+    for _, config in configs:  # refuse before the first row trains, not after
+        check_output_folder(Path(config.out), args.resume)
     summaries = {}
-    for name, settings in COMPARISON:
+    for name, config in configs:
         print(f"== {name}", flush=True)
-        summaries[name] = run(config_from_args(args, **settings, out=str(base / name)), resume=args.resume)
+        summaries[name] = run(config, resume=args.resume)
+        if summaries[name].get("interrupted"):
+            return EXIT_INTERRUPTED
     print(comparison_table(summaries))
+    return 0

@@ -27,12 +27,16 @@ logs report every rank, never rank 0 alone.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
+import copy
 import json
 import math
 import os
 import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -40,12 +44,43 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from tolgate import ConvGate, FixedTolerance, GaussianGate, collect_records, gated_solvers, set_progress
+from tolgate import (
+    ConvGate,
+    FixedTolerance,
+    GaussianGate,
+    SolveError,
+    collect_records,
+    gated_solvers,
+    set_progress,
+)
+from tolgate.solver import ADAPTIVE_METHODS, BACKENDS, PER_SAMPLE_METHODS
 
 from . import plots
-from .data import bits_per_dim, derived_seed, load_dataset, make_batches
-from .models import FlowModel, ModelConfig, build_model, set_divergence
+from .checkpoints import (
+    CONFIG_FILE,
+    LAST_CHECKPOINT,
+    METRICS_FILE,
+    RunFolderError,
+    check_output_folder,
+    check_resume,
+    load_checkpoint,
+    read_history,
+    save_atomic,
+    write_history,
+)
+from .cnf import DIVERGENCES, NOISES
+from .conditioning import ZY_LOCATIONS
+from .data import DATASET_NAMES, bits_per_dim, derived_seed, load_dataset, make_batches
+from .models import MODEL_KINDS, FlowModel, ModelConfig, build_model, set_divergence
+from .odefuncs import TIME_EMBEDDINGS
 from .tolerance import ToleranceConfig, ToleranceLearner, policy_factory
+
+# Step budget of every solve (attempted steps, accepted or rejected, per output interval). A dopri5
+# solve of these models takes a handful of steps (digits: 3-6 at 1e-5 and at 1e-8, ~5 per block
+# after 30 epochs at 1e-5; the paper's CIFAR-10 NFE put it near 10). 1000 leaves two orders of
+# magnitude of headroom, while a stiff field or hopeless tolerance stops with StepBudgetExceeded
+# instead of running for ever. Raise it with --max-num-steps.
+DEFAULT_MAX_NUM_STEPS = 1000
 
 
 @dataclass
@@ -104,15 +139,17 @@ class TrainConfig:
     recheck_tols: list[float] = field(default_factory=list)
     sample_every: int = 0
     progress_bar: bool = True
+    max_num_steps: int | None = DEFAULT_MAX_NUM_STEPS
 
     def __post_init__(self) -> None:
+        """Refuse every bad value here, before any data is read or anything trained; each message
+        names the setting, its value and the range it broke."""
+        _check_tolerances(self)
         self.tolerance_config()  # validates the tolerance side
-        if not (0 < self.eval_tol <= 1):
-            raise ValueError(f"eval_tol must be in (0, 1], got {self.eval_tol!r}")
-        if self.batch_size < 1 or self.epochs < 1 or self.lr <= 0:
-            raise ValueError(
-                f"need batch_size >= 1, epochs >= 1, lr > 0; got {self.batch_size}, {self.epochs}, {self.lr}"
-            )
+        _check_choices(self)
+        _check_counts(self)
+        _check_rates(self)
+        _check_combinations(self)
 
     def tolerance_config(self) -> ToleranceConfig:
         """The tolerance side of the run; probes use the evaluation tolerance as their reference."""
@@ -141,6 +178,104 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def _check_choices(config: TrainConfig) -> None:
+    methods = PER_SAMPLE_METHODS if config.backend == "tolgate" else ADAPTIVE_METHODS
+    for name, choices in (
+        ("dataset", DATASET_NAMES),
+        ("model", MODEL_KINDS),
+        ("backend", BACKENDS),
+        ("method", methods),
+        ("noise", NOISES),
+        ("time_embedding", TIME_EMBEDDINGS),
+        ("zy_location", ZY_LOCATIONS),
+        ("eval_divergence", DIVERGENCES),
+    ):
+        if getattr(config, name) not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(config, name)!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_counts(config: TrainConfig) -> None:
+    """Integers: at least 1 (sizes, budgets), at least 0 (offsets, seeds), or ``None`` where allowed."""
+    for name, least, optional in (
+        ("batch_size", 1, False),
+        ("epochs", 1, False),
+        ("eval_batch_size", 1, False),
+        ("eval_draws", 1, False),
+        ("hidden", 1, False),
+        ("n_flows", 1, False),
+        ("n_scales", 1, True),
+        ("max_train_batches", 1, True),
+        ("max_eval_batches", 1, True),
+        ("max_num_steps", 1, True),
+        ("warmup_iters", 0, False),
+        ("lr_decay_epoch", 0, True),
+        ("sample_every", 0, False),
+        ("seed", 0, False),
+        ("eval_noise_seed", 0, True),
+    ):
+        value = getattr(config, name)
+        if optional and value is None:
+            continue
+        if not _is_int(value) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}{' or None' if optional else ''}; got {value!r}")
+
+
+def _check_rates(config: TrainConfig) -> None:
+    """Learning rates, clipping and loss weights: finite, and positive or non-negative."""
+    for name, positive, optional in (
+        ("lr", True, False),
+        ("gate_lr", True, True),
+        ("lr_decay", True, False),
+        ("grad_clip", True, True),
+        ("beta", False, False),
+        ("reward_loss_weight", False, False),
+    ):
+        value = getattr(config, name)
+        if optional and value is None:
+            continue
+        if not _is_real(value) or value < 0 or (positive and value == 0):
+            bound = "> 0" if positive else ">= 0"
+            raise ValueError(f"{name} must be finite and {bound}{' or None' if optional else ''}; got {value!r}")
+    for name, inside, interval in (
+        ("baseline_momentum", lambda v: 0 <= v < 1, "[0, 1)"),
+        ("val_fraction", lambda v: 0 < v < 1, "(0, 1)"),
+        ("zy_fraction", lambda v: 0 < v <= 1, "(0, 1]"),
+    ):
+        value = getattr(config, name)
+        if not (_is_real(value) and inside(value)):
+            raise ValueError(f"{name} must be in {interval}; got {value!r}")
+
+
+def _check_tolerances(config: TrainConfig) -> None:
+    for name, value in [("eval_tol", config.eval_tol)] + [("recheck_tols", tol) for tol in config.recheck_tols]:
+        if not (_is_real(value) and 0 < value <= 1):
+            raise ValueError(f"{name} must be in (0, 1]; got {value!r}")
+    for value in config.gate_mean_log10 or []:
+        if not (_is_real(value) and value <= 0):
+            raise ValueError(f"gate_mean_log10 must hold finite log10 tolerances <= 0; got {value!r}")
+
+
+def _check_combinations(config: TrainConfig) -> None:
+    if config.seminorm and not config.adjoint:
+        raise ValueError("seminorm applies to the adjoint solve: set adjoint as well")
+    if config.backend == "tolgate" and config.adjoint:
+        raise ValueError("backend 'tolgate' has no adjoint: drop adjoint (it backpropagates through the solver)")
+    try:
+        torch.device(config.device)
+    except RuntimeError as exc:
+        raise ValueError(f"device {config.device!r} is not a torch device ({exc})") from None
+    if not isinstance(config.out, str) or not config.out:
+        raise ValueError(f"out must be a folder name; got {config.out!r}")
 
 
 # 2 CPU cores, 8x8 digits: a small network, a few minutes per run.
@@ -173,11 +308,11 @@ PRESETS: dict[str, dict] = {
 
 def gate_mean_from_run(run_dir: str | Path) -> list[float]:
     """Per-block mean log10 tolerance drawn in the final training epoch of a learned run."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: --gate-mean-from needs a finished learned-tolerance run")
-    last = read_history(path)[-1]
-    means = last["train"].get("tol_log10_mean")
+    path = Path(run_dir) / METRICS_FILE
+    history = read_history(path)
+    if not history:
+        raise FileNotFoundError(f"{path} not found or empty: --gate-mean-from needs a finished learned-tolerance run")
+    means = history[-1]["train"].get("tol_log10_mean")
     if not means or any(m is None for m in means):
         raise ValueError(f"{path}: the last epoch has no per-block tolerances (was it a learned run?)")
     return [float(m) for m in means]
@@ -210,6 +345,7 @@ def build(config: TrainConfig, image_shape: tuple[int, int, int], n_classes: int
         zy_location=config.zy_location,
         method=config.method,
         adjoint=config.adjoint,
+        max_num_steps=config.max_num_steps,
         backend=config.backend,
     )
     policies = policy_factory(config.tolerance_config(), gate_net=ConvGate)
@@ -217,8 +353,10 @@ def build(config: TrainConfig, image_shape: tuple[int, int, int], n_classes: int
     if config.seminorm:
         if not config.adjoint:
             raise ValueError("seminorm applies to the adjoint solve: set adjoint=True as well")
+        # Explicit adjoint options replace torchdiffeq's copy of the forward options: keep the budget.
+        budget = {} if config.max_num_steps is None else {"max_num_steps": config.max_num_steps}
         for solver in gated_solvers(model):
-            solver.adjoint_options = {"norm": "seminorm"}
+            solver.adjoint_options = {"norm": "seminorm", **budget}
     return model
 
 
@@ -351,29 +489,7 @@ def _evaluation_noise(noise_seed: int | None, batch: int, device: torch.device):
         yield
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, device: torch.device) -> dict:
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt files
-        raise RuntimeError(f"cannot load checkpoint {path}: {exc}") from exc
-
-
-def read_history(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- epoch metrics
 
 
 def _epoch_accumulator(n_blocks: int) -> dict:
@@ -448,226 +564,417 @@ def _finish_epoch(acc: dict, ranks: Dist, device: torch.device) -> dict:
     }
 
 
-class _Interrupt:
-    """Turns Ctrl-C into a flag checked between iterations, so the run saves and exits cleanly."""
+# ----------------------------------------------------------------------------- stopping
 
-    def __init__(self) -> None:
+# How long the first Ctrl-C waits for the current iteration (or evaluation) to end before the run
+# stops at once, discarding that iteration's unfinished work.
+STOP_GRACE_SECONDS = 5.0
+
+
+class StopSignal:
+    """Ctrl-C during a run, in two stages.
+
+    The first Ctrl-C asks the run to stop at the next iteration boundary: it finishes the current
+    iteration, saves ``last.pt`` and returns. A second Ctrl-C, or the first one still unanswered
+    after ``grace`` seconds (one solve at a hopeless tolerance can take minutes), raises
+    :class:`KeyboardInterrupt` at once inside the sections marked :meth:`abortable`: the work there
+    (forward, backward, probes, evaluation) changes only state the trainer can restore, so it then
+    saves the last completed iteration. Elsewhere (the optimiser step, a checkpoint write, both
+    short) the stop waits for the section to end. Without ``can_abort`` (several ranks, which could
+    not agree on where to stop) a second Ctrl-C raises at once and nothing is saved.
+
+    The handler is installed only in the main thread (Python delivers signals there alone).
+    """
+
+    def __init__(self, grace: float = STOP_GRACE_SECONDS, can_abort: bool = True) -> None:
+        self.grace = grace
+        self.can_abort = can_abort
         self.requested = False
-        self._previous = None
+        self._now = False
+        self._in_abortable = False
+        self._timer: threading.Timer | None = None
+        self._previous: object = None
 
-    def __enter__(self) -> _Interrupt:
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+    @contextlib.contextmanager
+    def abortable(self) -> Iterator[None]:
+        """A section that a stop may cut short with :class:`KeyboardInterrupt`."""
+        if self._now:
+            raise KeyboardInterrupt
+        self._in_abortable = True
+        try:
+            yield
+        finally:
+            self._in_abortable = False
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if not self.requested:
+            self.requested = True
+            _say("\nCtrl-C: stopping after this iteration and saving last.pt (Ctrl-C again to stop at once)\n")
+            if self.can_abort:
+                self._timer = threading.Timer(self.grace, _thread.interrupt_main)
+                self._timer.daemon = True
+                self._timer.start()
+            return
+        self._now = True
+        if self._in_abortable or not self.can_abort:
+            raise KeyboardInterrupt
+
+
+def _say(text: str) -> None:
+    # os.write, not print: a handler may run while the main thread is inside a write to stderr
+    # (the progress bar's), and a buffered stream refuses that reentrant call.
+    os.write(2, text.encode())
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class _Snapshot:
+    """The state an abortable section may change besides work it throws away (gradients, records):
+    restored before saving, so ``last.pt`` is exactly the last completed iteration's."""
+
+    rng: torch.Tensor
+    learner: dict
+    buffers: dict[str, torch.Tensor]
+    best: dict | None
+
+
+class Trainer:
+    """One run: set-up (checks, data, model, resume), a training step, an end of epoch, save and
+    restore. ``epoch`` and ``batch`` are the position of the next iteration, ``step`` the number of
+    iterations completed; all three are what ``last.pt`` records."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False) -> None:
+        self.config = config
+        self.device = _device(config)
+        self.ranks = init_distributed(self.device)
+        self.out = Path(config.out)
+        state = self._checked_state(resume)
+        self.dataset = load_dataset(config.dataset, config.data_dir, split_seed=0, val_fraction=config.val_fraction)
+        self.train_batches = self._batches("train", config.batch_size)
+        self.val_batches = self._batches("val", config.eval_batch_size)
+        self.test_batches = self._batches("test", config.eval_batch_size)
+        limit = config.max_train_batches
+        self.iters_per_epoch = len(self.train_batches) if limit is None else min(len(self.train_batches), limit)
+        torch.manual_seed(config.seed)  # identical initialisation on every rank
+        self.model = build(config, self.dataset.image_shape, self.dataset.n_classes).to(self.device)
+        self.solvers = list(gated_solvers(self.model))
+        self.policies = [solver.policy for solver in self.solvers]
+        self.optimizer = make_optimizer(self.model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.learner = ToleranceLearner(config.tolerance_config(), seed=config.seed)
+        self.epoch, self.batch, self.step, self.best = 0, 0, 0, None
+        self.acc = _epoch_accumulator(len(self.solvers))
+        self.stop = StopSignal(can_abort=self.ranks.world == 1)
+        torch.manual_seed(config.seed * 1000 + self.ranks.rank)  # per-rank noise streams from here on
+        if state is not None:
+            self._restore(state)
+        self._saved_at = (self.epoch, self.batch, self.step)
+        self._prepare_folder(resumed=state is not None, resume=resume)
+
+    def _checked_state(self, resume: bool) -> dict | None:
+        """``last.pt`` when resuming from it, after checking that this configuration may continue it."""
+        if not check_output_folder(self.out, resume):
+            return None
+        state = load_checkpoint(self.out / LAST_CHECKPOINT, self.device)
+        if isinstance(state.get("config"), dict):
+            started = state["epoch"] + (1 if state["batch"] else 0)
+            check_resume(state["config"], asdict(self.config), started, self.out)
+        return state
+
+    def _batches(self, split: str, batch_size: int):
+        return make_batches(
+            self.dataset,
+            split,
+            batch_size,
+            seed=self.config.seed,
+            rank=self.ranks.rank,
+            world_size=self.ranks.world,
+            device=self.device,
+        )
+
+    def _lr_factor(self, step: int) -> float:
+        config = self.config
+        warm = min(1.0, (step + 1) / config.warmup_iters) if config.warmup_iters else 1.0
+        decayed = config.lr_decay_epoch is not None and step // self.iters_per_epoch >= config.lr_decay_epoch
+        return warm * (config.lr_decay if decayed else 1.0)
+
+    # ------------------------------------------------------------------------- save and restore
+
+    def _restore(self, state: dict) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise RunFolderError(f"{self.out / LAST_CHECKPOINT} does not fit this configuration: {exc}") from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.learner.load_state_dict(state["learner"])
+        restore_rng(state["rng"][self.ranks.rank].cpu(), self.device)
+        self.epoch, self.batch, self.step, self.best = state["epoch"], state["batch"], state["step"], state["best"]
+        self.acc = state["accumulator"]
+
+    def _prepare_folder(self, resumed: bool, resume: bool) -> None:
+        """Written only now that every check has passed: the metrics of the epochs ``last.pt``
+        completed (a torn or later line is dropped: the run writes it again) and ``config.json``."""
+        metrics = self.out / METRICS_FILE
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not self.ranks.main:
+            return
+        if resumed:
+            history = [h for h in read_history(metrics) if h["epoch"] < self.epoch]
+            if [h["epoch"] for h in history] != list(range(self.epoch)):
+                raise RunFolderError(
+                    f"{metrics} lacks epochs before {self.epoch}, which {LAST_CHECKPOINT} has completed; cannot resume"
+                )
+            write_history(history, metrics)
+            print(f"resumed from {self.out / LAST_CHECKPOINT} at epoch {self.epoch}, batch {self.batch}")
+        elif resume:
+            print(f"nothing to resume in {self.out} (no {LAST_CHECKPOINT}): starting a fresh run")
+        (self.out / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
+
+    def save(self) -> None:
+        """Write ``last.pt`` at the current position (every rank takes part: the RNG gather)."""
+        rng = ranks_gather_rng(self.ranks, self.device)
+        if self.ranks.main:
+            state = {
+                "epoch": self.epoch,
+                "batch": self.batch,
+                "step": self.step,
+                "best": self.best,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "learner": self.learner.state_dict(),
+                "rng": rng,
+                "accumulator": self.acc,
+                "config": asdict(self.config),
+            }
+            save_atomic(state, self.out / LAST_CHECKPOINT)
+        self._saved_at = (self.epoch, self.batch, self.step)
+
+    def _save_if_new(self) -> None:
+        if (self.epoch, self.batch, self.step) != self._saved_at:
+            self.save()
+
+    def _snapshot(self) -> _Snapshot:
+        return _Snapshot(
+            rng=local_rng_state(self.device),
+            learner=copy.deepcopy(self.learner.state_dict()),
+            buffers={name: b.detach().clone() for name, b in self.model.named_buffers()},
+            best=copy.deepcopy(self.best),
+        )
+
+    def _restore_snapshot(self, snapshot: _Snapshot) -> None:
+        restore_rng(snapshot.rng, self.device)
+        self.learner.load_state_dict(snapshot.learner)
+        with torch.no_grad():
+            for name, buffer in self.model.named_buffers():
+                buffer.copy_(snapshot.buffers[name])
+        self.best = snapshot.best
+
+    @contextlib.contextmanager
+    def _abortable(self) -> Iterator[None]:
+        """Work that Ctrl-C or a failed solve may cut short. Parameters, optimiser and counters are
+        changed only outside it, so on either the snapshot taken here is restored, ``last.pt`` is
+        written at the last completed position (if it moved since the last save) and the
+        exception goes on (to :meth:`fit` for Ctrl-C, to the caller for a failed solve)."""
+        snapshot = self._snapshot() if self.stop.can_abort else None
+        try:
+            with self.stop.abortable():
+                yield
+        except (KeyboardInterrupt, SolveError) as exc:
+            if snapshot is None:
+                raise
+            self._restore_snapshot(snapshot)
+            self._save_if_new()
+            if isinstance(exc, SolveError) and self.ranks.main:
+                print(f"failed: {self._saved_message()}", flush=True)
+            raise
+
+    def _saved_message(self) -> str:
+        if self._saved_at == (0, 0, 0):
+            return "no iteration had completed, nothing saved"
+        epoch, batch, _ = self._saved_at
+        return f"state saved to {self.out / LAST_CHECKPOINT} (epoch {epoch}, batch {batch}); continue with --resume"
+
+    # ------------------------------------------------------------------------- the loop
+
+    def fit(self, stop_after_batches: int | None = None) -> dict:
+        """Train the remaining epochs, then summarize. Returns the summary, or ``{"interrupted": True,
+        "epoch", "batch"}`` after Ctrl-C or ``stop_after_batches`` iterations (tests of resume)."""
+        with self.stop:
+            try:
+                for epoch in range(self.epoch, self.config.epochs):
+                    if not self._train_epoch(epoch, stop_after_batches):
+                        self._save_if_new()
+                        return self._interrupted()
+                    self._end_epoch(epoch)
+                with self.stop.abortable():  # last.pt is final: nothing to save if cut short
+                    summary = summarize(
+                        self.config, self.model, self.out, self.best, self.dataset, self.test_batches, self.ranks
+                    )
+            except KeyboardInterrupt:
+                if not self.stop.can_abort:
+                    raise
+                return self._interrupted()
+        if self.ranks.main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _interrupted(self) -> dict:
+        if self.ranks.main:
+            print(f"interrupted: {self._saved_message()}", flush=True)
+        return {"interrupted": True, "epoch": self.epoch, "batch": self.batch}
+
+    def _train_epoch(self, epoch: int, stop_after_batches: int | None) -> bool:
+        """The epoch's remaining iterations; False when asked to stop (Ctrl-C, ``stop_after_batches``)."""
+        self.model.train()
+        bar = tqdm(
+            total=self.iters_per_epoch,
+            initial=self.batch,
+            desc=f"epoch {epoch + 1}/{self.config.epochs}",
+            disable=not (self.ranks.main and self.config.progress_bar),
+            leave=False,
+        )
+        try:
+            for b, batch in enumerate(self.train_batches.epoch(epoch, self.batch), start=self.batch):
+                if b >= self.iters_per_epoch or self.stop.requested:
+                    break
+                self._train_step(epoch, b, batch, bar)
+                if stop_after_batches is not None and self.step >= stop_after_batches:
+                    return False
+        finally:
+            bar.close()
+        return not self.stop.requested
+
+    def _train_step(self, epoch: int, b: int, batch, bar: tqdm) -> None:
+        config, model = self.config, self.model
+        t0 = time.perf_counter()
+        with self._abortable():
+            set_progress(model, self.step, epoch + b / self.iters_per_epoch)
+            y = batch.y if model.conditional else None
+            with collect_records(model) as records:
+                output = model(batch.x, y)
+            loss, parts = model.loss(output, y, config.beta, self.dataset.levels)
+            self.optimizer.zero_grad(set_to_none=True)
+            # Per-sample tolerances are credited with each sample's own objective and NFE.
+            reward_loss = (
+                per_sample_objective(model, output, y, config.beta, self.dataset.levels)
+                if config.backend == "tolgate"
+                else loss.detach()
+            )
+            self.learner.backward(loss, records, reward_loss)
+            probe = _probe_objective(model, batch, config, self.dataset.levels)
+            probe_cost = self.learner.probe(model, self.step, probe, batch.x.shape[0], self.policies)
+            average_gradients(model, self.ranks)
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.batch = b + 1
+        self.acc["seconds"] += time.perf_counter() - t0
+        _accumulate(self.acc, batch, loss, parts, output, records, probe_cost)
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{float(loss.detach()):.3f}",
+            bpd=f"{float(parts.bits_per_dim):.3f}",
+            nfe=sum(r.nfe_forward + r.nfe_backward for r in records),
+            tol=f"{_mean_tol(records):.1e}",
+        )
+
+    def _end_epoch(self, epoch: int) -> None:
+        with self._abortable():
+            self._evaluate_epoch(epoch)
+        self.acc = _epoch_accumulator(len(self.solvers))
+        self.epoch, self.batch = epoch + 1, 0
+        self.save()
+
+    def _evaluate_epoch(self, epoch: int) -> None:
+        """Validation and test metrics, model selection, the metrics line, plots and samples."""
+        config, ranks, out = self.config, self.ranks, self.out
+        train_metrics = _finish_epoch(self.acc, ranks, self.device)
+        val = evaluate_as_configured(self.model, self.val_batches, self.dataset.levels, ranks, config)
+        test = evaluate_as_configured(self.model, self.test_batches, self.dataset.levels, ranks, config)
+        # Model selection on the validation split, by the training objective J (Eq. 4).
+        val_loss = val["bpd_cond"] + config.beta * (val["cross_entropy"] or 0.0)
+        record = {
+            "epoch": epoch,
+            "lr": self.scheduler.get_last_lr()[0],
+            "train": train_metrics,
+            "val": val,
+            "test": test,
+            "val_selection_loss": val_loss,
+        }
+        if self.best is None or val_loss < self.best["val_selection_loss"]:
+            self.best = {"epoch": epoch, "val_selection_loss": val_loss}
+            if ranks.main:
+                save_atomic({"model": self.model.state_dict(), "epoch": epoch}, out / "best.pt")
+        if ranks.main:
+            with (out / METRICS_FILE).open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            plots.plot_curves(read_history(out / METRICS_FILE), out / "curves.png")
+            if config.tolerance in ("learned", "adaptive", "frozen"):
+                plots.plot_tolerance_histograms(
+                    self.acc["log10_tol"],
+                    out / "tolerances.png",
+                    f"{config.model}, {config.tolerance}: log10 tolerance per block",
+                )
+            _print_epoch(record)
+        if config.sample_every and (epoch + 1) % config.sample_every == 0 and ranks.main:
+            write_samples(self.model, self.dataset.n_classes, out / "samples.png")
+
+
+def _device(config: TrainConfig) -> torch.device:
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {config.device!r} was asked for but torch.cuda.is_available() is False")
+    return device
+
+
+def _accumulate(acc: dict, batch, loss, parts, output, records, probe_cost) -> None:
+    """Fold one completed iteration into the epoch's sums."""
+    acc["iters"] += 1
+    acc["images"] += batch.x.shape[0]
+    acc["probe_nfe_equivalent"] += probe_cost.nfe_equivalent
+    acc["loss"] += float(loss.detach())
+    acc["bpd"] += float(parts.bits_per_dim)
+    if parts.cross_entropy is not None:
+        acc["ce"] += float(parts.cross_entropy)
+        acc["errors"] += float((output.logits.argmax(1) != batch.y).sum())
+    for k, rec in enumerate(records):
+        acc["nfe_forward_block"][k] += rec.nfe_forward
+        acc["nfe_backward_block"][k] += rec.nfe_backward
+        acc["nfe_forward"] += rec.nfe_forward
+        acc["nfe_backward"] += rec.nfe_backward
+        acc["nfe_sample_mean"] += mean_sample_nfe(rec)
+        if rec.log10_tolerance is not None:
+            acc["log10_tol"][k].extend(rec.log10_tolerance.float().flatten().tolist())
 
 
 def run(config: TrainConfig, resume: bool = False, stop_after_batches: int | None = None) -> dict:
     """Train, evaluate every epoch, select on validation loss, write everything under ``config.out``.
 
-    Returns the summary (also written to ``summary.json``). ``stop_after_batches`` simulates an
-    interruption after that many training iterations (tests of ``resume``).
+    Every check (configuration, output folder, resume compatibility, data files) runs before
+    anything is written; see :mod:`tolgate_flows.checkpoints` for what a run may write where.
+    Returns the summary (also written to ``summary.json``), or ``{"interrupted": True, ...}`` after
+    Ctrl-C (see :class:`StopSignal`). A failed solve (:class:`tolgate.SolveError`, e.g. the step
+    budget ``max_num_steps``) propagates after the last completed iteration is saved.
+    ``stop_after_batches`` simulates an interruption after that many training iterations.
     """
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch.cuda.is_available() is False")
-    ranks = init_distributed(device)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    dataset = load_dataset(config.dataset, config.data_dir, split_seed=0, val_fraction=config.val_fraction)
-    train_batches = make_batches(
-        dataset, "train", config.batch_size, seed=config.seed, rank=ranks.rank, world_size=ranks.world, device=device
-    )
-    val_batches = make_batches(
-        dataset, "val", config.eval_batch_size, seed=config.seed, rank=ranks.rank, world_size=ranks.world, device=device
-    )
-    test_batches = make_batches(
-        dataset,
-        "test",
-        config.eval_batch_size,
-        seed=config.seed,
-        rank=ranks.rank,
-        world_size=ranks.world,
-        device=device,
-    )
-    iters_per_epoch = (
-        len(train_batches) if config.max_train_batches is None else min(len(train_batches), config.max_train_batches)
-    )
-
-    torch.manual_seed(config.seed)  # identical initialisation on every rank
-    model = build(config, dataset.image_shape, dataset.n_classes).to(device)
-    solvers = list(gated_solvers(model))
-    policies = [solver.policy for solver in solvers]
-    optimizer = make_optimizer(model, config)
-
-    def lr_factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / config.warmup_iters) if config.warmup_iters else 1.0
-        decayed = config.lr_decay_epoch is not None and step // iters_per_epoch >= config.lr_decay_epoch
-        return warm * (config.lr_decay if decayed else 1.0)
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    learner = ToleranceLearner(config.tolerance_config(), seed=config.seed)
-    learned = config.tolerance in ("learned", "adaptive")
-
-    metrics_path = out / "metrics.jsonl"
-    start_epoch, start_batch, step, best = 0, 0, 0, None
-    acc = _epoch_accumulator(len(solvers))
-    torch.manual_seed(config.seed * 1000 + ranks.rank)  # per-rank noise streams from here on
-    if resume and (out / "last.pt").exists():
-        state = load_checkpoint(out / "last.pt", device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        learner.load_state_dict(state["learner"])
-        restore_rng(state["rng"][ranks.rank].cpu(), device)
-        start_epoch, start_batch, step, best = state["epoch"], state["batch"], state["step"], state["best"]
-        acc = state["accumulator"]
-        history = [h for h in read_history(metrics_path) if h["epoch"] < start_epoch]
-        if ranks.main:
-            metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
-            print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}, batch {start_batch}")
-    elif ranks.main and metrics_path.exists():
-        metrics_path.unlink()
-    if ranks.main:
-        (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
-
-    def checkpoint(epoch: int, batch: int) -> None:
-        rng = ranks_gather_rng(ranks, device)
-        if ranks.main:
-            save_atomic(
-                {
-                    "epoch": epoch,
-                    "batch": batch,
-                    "step": step,
-                    "best": best,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "learner": learner.state_dict(),
-                    "rng": rng,
-                    "accumulator": acc,
-                    "config": asdict(config),
-                },
-                out / "last.pt",
-            )
-
-    interrupted = False
-    with _Interrupt() as interrupt:
-        for epoch in range(start_epoch, config.epochs):
-            model.train()
-            bar = tqdm(
-                total=iters_per_epoch,
-                initial=start_batch,
-                desc=f"epoch {epoch + 1}/{config.epochs}",
-                disable=not (ranks.main and config.progress_bar),
-                leave=False,
-            )
-            for b, batch in enumerate(train_batches.epoch(epoch, start_batch), start=start_batch):
-                if b >= iters_per_epoch:
-                    break
-                t0 = time.perf_counter()
-                set_progress(model, step, epoch + b / iters_per_epoch)
-                y = batch.y if model.conditional else None
-                with collect_records(model) as records:
-                    output = model(batch.x, y)
-                loss, parts = model.loss(output, y, config.beta, dataset.levels)
-                optimizer.zero_grad(set_to_none=True)
-                # Per-sample tolerances are credited with each sample's own objective and NFE.
-                reward_loss = (
-                    per_sample_objective(model, output, y, config.beta, dataset.levels)
-                    if (config.backend == "tolgate")
-                    else loss.detach()
-                )
-                learner.backward(loss, records, reward_loss)
-                probe_cost = learner.probe(
-                    model, step, _probe_objective(model, batch, config, dataset.levels), batch.x.shape[0], policies
-                )
-                average_gradients(model, ranks)
-                if config.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                acc["seconds"] += time.perf_counter() - t0
-                acc["iters"] += 1
-                acc["images"] += batch.x.shape[0]
-                acc["probe_nfe_equivalent"] += probe_cost.nfe_equivalent
-                acc["loss"] += float(loss.detach())
-                acc["bpd"] += float(parts.bits_per_dim)
-                if parts.cross_entropy is not None:
-                    acc["ce"] += float(parts.cross_entropy)
-                    acc["errors"] += float((output.logits.argmax(1) != batch.y).sum())
-                for k, rec in enumerate(records):
-                    acc["nfe_forward_block"][k] += rec.nfe_forward
-                    acc["nfe_backward_block"][k] += rec.nfe_backward
-                    acc["nfe_forward"] += rec.nfe_forward
-                    acc["nfe_backward"] += rec.nfe_backward
-                    acc["nfe_sample_mean"] += mean_sample_nfe(rec)
-                    if rec.log10_tolerance is not None:
-                        acc["log10_tol"][k].extend(rec.log10_tolerance.float().flatten().tolist())
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{float(loss.detach()):.3f}",
-                    bpd=f"{float(parts.bits_per_dim):.3f}",
-                    nfe=sum(r.nfe_forward + r.nfe_backward for r in records),
-                    tol=f"{_mean_tol(records):.1e}",
-                )
-                stop_now = stop_after_batches is not None and step >= stop_after_batches
-                if interrupt.requested or stop_now:
-                    checkpoint(epoch, b + 1)
-                    interrupted = True
-                    break
-            bar.close()
-            if interrupted:
-                break
-            start_batch = 0
-            train_metrics = _finish_epoch(acc, ranks, device)
-            val = evaluate_as_configured(model, val_batches, dataset.levels, ranks, config)
-            test = evaluate_as_configured(model, test_batches, dataset.levels, ranks, config)
-            # Model selection on the validation split, by the training objective J (Eq. 4).
-            val_loss = val["bpd_cond"] + config.beta * (val["cross_entropy"] or 0.0)
-            record = {
-                "epoch": epoch,
-                "lr": scheduler.get_last_lr()[0],
-                "train": train_metrics,
-                "val": val,
-                "test": test,
-                "val_selection_loss": val_loss,
-            }
-            if best is None or val_loss < best["val_selection_loss"]:
-                best = {"epoch": epoch, "val_selection_loss": val_loss}
-                if ranks.main:
-                    save_atomic({"model": model.state_dict(), "epoch": epoch}, out / "best.pt")
-            if ranks.main:
-                with metrics_path.open("a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-                history = read_history(metrics_path)
-                plots.plot_curves(history, out / "curves.png")
-                if learned or config.tolerance == "frozen":
-                    plots.plot_tolerance_histograms(
-                        acc["log10_tol"],
-                        out / "tolerances.png",
-                        f"{config.model}, {config.tolerance}: log10 tolerance per block",
-                    )
-                _print_epoch(record)
-            if config.sample_every and (epoch + 1) % config.sample_every == 0 and ranks.main:
-                write_samples(model, dataset.n_classes, out / "samples.png")
-            acc = _epoch_accumulator(len(solvers))
-            start_epoch = epoch + 1
-            checkpoint(start_epoch, 0)
-    if interrupted:
-        if ranks.main:
-            print(f"interrupted: state saved to {out / 'last.pt'}; continue with --resume")
-        return {"interrupted": True, "epoch": start_epoch}
-    summary = summarize(config, model, out, best, dataset, test_batches, ranks)
-    if ranks.main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return Trainer(config, resume).fit(stop_after_batches)
 
 
 def _probe_objective(model: FlowModel, batch, config: TrainConfig, levels: int):
@@ -706,13 +1013,18 @@ def _mean_tol(records) -> float:
     return 10.0 ** (sum(logs) / len(logs))
 
 
-def ranks_gather_rng(ranks: Dist, device: torch.device) -> list[torch.Tensor]:
-    """Every rank's RNG state: the CPU generator's, and on CUDA also the device generator's (the
-    Hutchinson noise and gate draws are made on the device), so a resumed run continues every
-    rank's noise stream."""
+def local_rng_state(device: torch.device) -> torch.Tensor:
+    """This process's RNG state: the CPU generator's, and on CUDA also the device generator's."""
     state = torch.get_rng_state()
     if device.type == "cuda":
         state = torch.cat([state, torch.cuda.get_rng_state(device)])
+    return state
+
+
+def ranks_gather_rng(ranks: Dist, device: torch.device) -> list[torch.Tensor]:
+    """Every rank's RNG state (:func:`local_rng_state`; the Hutchinson noise and gate draws are
+    made on the device), so a resumed run continues every rank's noise stream."""
+    state = local_rng_state(device)
     if ranks.world == 1:
         return [state]
     out = [torch.empty_like(state) for _ in range(ranks.world)]
@@ -740,8 +1052,10 @@ def write_samples(model: FlowModel, n_classes: int, path: Path, per_class: int =
 def summarize(config, model, out, best, dataset, test_batches, ranks) -> dict:
     """Metrics of the epoch selected on validation, NFE averaged over the run, and re-checks of
     the selected checkpoint at tighter evaluation tolerances (Section 4.2)."""
-    history = read_history(out / "metrics.jsonl")
-    selected = next(h for h in history if h["epoch"] == best["epoch"])
+    history = read_history(out / METRICS_FILE)
+    selected = next((h for h in history if best is not None and h["epoch"] == best["epoch"]), None)
+    if selected is None:
+        raise RunFolderError(f"{out / METRICS_FILE} has no line for the selected epoch (best: {best!r})")
     summary = {
         "config": asdict(config),
         "selected_epoch": best["epoch"],
