@@ -26,7 +26,7 @@ from .cnf import DIVERGENCES, NOISES
 from .conditioning import ZY_LOCATIONS
 from .data import DATASET_NAMES
 from .models import MODEL_KINDS
-from .report import comparison_table
+from .report import comparison_table, learning_verdict
 from .tolerance import ESTIMATORS, TOLERANCE_MODES
 from .train import PRESETS, STOP_GRACE_SECONDS, TrainConfig, gate_mean_from_run, run
 
@@ -294,4 +294,7 @@ def _run(args: argparse.Namespace) -> int:
         if summaries[name].get("interrupted"):
             return EXIT_INTERRUPTED
     print(comparison_table(summaries))
+    print(
+        learning_verdict(summaries, learned="infocnf-learned", loosened="infocnf-fixed-1e-3", reference="infocnf-fixed")
+    )
     return 0
