@@ -34,19 +34,40 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from .checks import check_times
+from .checks import check_rtol_for_dtype, check_times, control_dtype
 from .sample_stats import PerSampleStats
 from .stepping import integrate, mean_square
-from .tableaux import get_tableau
+from .tableaux import ButcherTableau, get_tableau
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
 #: ``func(t: (active,), y: (active, *state) or tuple, idx: (active,) int64) -> same as y``
 PerSampleField = Callable[[torch.Tensor, State, torch.Tensor], State]
 Tolerance = float | torch.Tensor
+#: a flat ``(..., total)`` tensor back to the tuple state's tensors
+Unpack = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+
+
+@dataclass(frozen=True)
+class PreparedSolve:
+    """A validated per-sample problem (:func:`prepare_per_sample`), ready for :func:`run_prepared`.
+
+    ``y0``: ``(batch, *state)`` (a tuple state flattened to ``(batch, total)``); ``rtol``, ``atol``:
+    ``(batch,)`` in the error-control dtype (float32 for a 16-bit state, else the state's).
+    """
+
+    y0: torch.Tensor
+    t: torch.Tensor
+    rtol: torch.Tensor
+    atol: torch.Tensor
+    tableau: ButcherTableau
+    max_num_steps: int | None
+    unpack: Unpack | None
+    norm: Callable[[torch.Tensor], torch.Tensor]
 
 
 def solve_per_sample(
@@ -68,7 +89,8 @@ def solve_per_sample(
         t: ``(n_times,)`` output times shared by all samples, strictly increasing or strictly
             decreasing, ``n_times >= 2``; ``t[0]`` is the initial time.
         rtol, atol: relative and absolute tolerance, a float or a ``(batch,)`` tensor (one per
-            sample); finite and positive. Used without gradient.
+            sample); finite and positive. Used without gradient. A 16-bit state needs
+            ``rtol >= 10 * eps`` of its dtype (:mod:`tolgate.checks`), else ``ValueError``.
         method: ``"dopri5"``, ``"bosh3"`` or ``"tsit5"`` (see :mod:`tolgate.tableaux`).
         max_num_steps: steps (accepted and rejected) each sample may attempt; ``None``: no limit.
         on_failure: ``"status"`` records a failing sample's status in the stats and freezes it
@@ -85,6 +107,8 @@ def solve_per_sample(
     The error norm is the RMS over each sample's state of ``err / (atol + rtol * max(|y0|, |y1|))``;
     for a tuple state it is the largest of the per-tensor RMS values, as torchdiffeq's default norm
     for tuples, so a small component (a CNF's log-density) is controlled on its own.
+
+    Every failure is detected by the step loop itself (no ``assert``), so it holds under ``python -O``.
     """
     if adjoint:
         raise NotImplementedError(
@@ -93,6 +117,22 @@ def solve_per_sample(
         )
     if on_failure not in ("raise", "status"):
         raise ValueError(f"on_failure must be 'raise' or 'status', got {on_failure!r}")
+    problem = prepare_per_sample(y0, t, rtol, atol, method, max_num_steps)
+    return run_prepared(func, problem, raise_on_failure=on_failure == "raise")
+
+
+def prepare_per_sample(
+    y0: State,
+    t: torch.Tensor,
+    rtol: Tolerance,
+    atol: Tolerance,
+    method: str,
+    max_num_steps: int | None,
+) -> PreparedSolve:
+    """Validate a per-sample problem (the arguments of :func:`solve_per_sample`) without solving it.
+
+    Raises ``ValueError`` or ``TypeError`` naming the bad argument; evaluates nothing.
+    """
     if max_num_steps is not None and (not isinstance(max_num_steps, int) or max_num_steps < 1):
         raise ValueError(f"max_num_steps must be a positive int or None, got {max_num_steps!r}")
     tableau = get_tableau(method)
@@ -101,8 +141,25 @@ def solve_per_sample(
     batch = flat0.shape[0]
     rtol_rows = _per_sample_tolerance(rtol, "rtol", batch, flat0)
     atol_rows = _per_sample_tolerance(atol, "atol", batch, flat0)
+    check_rtol_for_dtype(rtol_rows, flat0.dtype)
+    return PreparedSolve(flat0, t, rtol_rows, atol_rows, tableau, max_num_steps, unpack, norm)
+
+
+def run_prepared(func: PerSampleField, problem: PreparedSolve, raise_on_failure: bool) -> tuple[State, PerSampleStats]:
+    """Solve a :class:`PreparedSolve`; returns what :func:`solve_per_sample` returns."""
+    unpack = problem.unpack
     field = func if unpack is None else _packed_field(func, unpack)
-    ys, stats = integrate(field, flat0, t, rtol_rows, atol_rows, tableau, max_num_steps, on_failure == "raise", norm)
+    ys, stats = integrate(
+        field,
+        problem.y0,
+        problem.t,
+        problem.rtol,
+        problem.atol,
+        problem.tableau,
+        problem.max_num_steps,
+        raise_on_failure,
+        problem.norm,
+    )
     if unpack is None:
         return ys, stats
     return unpack(ys), stats
@@ -154,17 +211,19 @@ def _check_times(t: torch.Tensor, y0: torch.Tensor) -> None:
 
 
 def _per_sample_tolerance(value: Tolerance, name: str, batch: int, y0: torch.Tensor) -> torch.Tensor:
-    """``value`` as a ``(batch,)`` tensor of ``y0``'s dtype; ``ValueError`` unless finite and > 0."""
+    """``value`` as a ``(batch,)`` tensor in the error-control dtype of ``y0`` (float32 for a 16-bit
+    state, where a small atol would round to zero); ``ValueError`` unless finite and > 0."""
+    dtype = control_dtype(y0.dtype)
     if isinstance(value, torch.Tensor):
         if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
             raise ValueError(
                 f"{name} must be a float, a 0-d tensor or a ({batch},) tensor, got shape {tuple(value.shape)}"
             )
-        rows = value.detach().to(device=y0.device, dtype=y0.dtype).expand(batch)
+        rows = value.detach().to(device=y0.device, dtype=dtype).expand(batch)
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be finite and positive, got {value!r}")
-        rows = torch.full((batch,), float(value), dtype=y0.dtype, device=y0.device)
+        rows = torch.full((batch,), float(value), dtype=dtype, device=y0.device)
     else:
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
     bad = ~torch.isfinite(rows) | (rows <= 0)
@@ -172,9 +231,6 @@ def _per_sample_tolerance(value: Tolerance, name: str, batch: int, y0: torch.Ten
         sample = int(torch.nonzero(bad)[0])
         raise ValueError(f"{name} must be finite and > 0 for every sample; sample {sample} has {float(rows[sample])!r}")
     return rows.contiguous()
-
-
-Unpack = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 
 
 def _pack_state(y0: State) -> tuple[torch.Tensor, Unpack | None, Callable[[torch.Tensor], torch.Tensor]]:

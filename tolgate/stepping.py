@@ -18,8 +18,17 @@ takes the steps scipy would take):
 * a row fails with step-size underflow when its next step is below 10 ulps of its time, and
   with a step budget when it has attempted ``max_num_steps`` steps. A step whose error is NaN or
   inf is rejected and shrinks the step by 0.2, which rescues an overflow caused by too large a
-  step; if the row underflows while its last attempt was still not finite, its status is
-  ``NON_FINITE``.
+  step, and so is a 16-bit step whose new state overflowed; if the row underflows while its last
+  attempt was still not finite, its status is ``NON_FINITE``, and so it is when it leaves with a
+  state that is not finite.
+
+Every failure is the loop's own test, none an ``assert``: budget, underflow and non-finite steps
+are caught under ``python -O`` too, and no input can make the loop spin (each attempt either
+advances a row, shrinks its step by at least ``MIN_FACTOR``, or ends it).
+
+Precision: the error control (tolerance scale, scaled error, its mean square) runs in float32 for
+a 16-bit state, and the solver's time in at least float32 (see :mod:`tolgate.checks`): in
+float16 the scaled error overflows long before the error is large.
 
 Step-size decisions are taken without gradient (``torch.no_grad``): the derivative of a solution
 with respect to the step sizes is an artefact of the discretisation, not of the ODE. Everything
@@ -38,6 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import LOW_PRECISION_DTYPES, control_dtype
 from .errors import NonFiniteStateError, SolveError, StepBudgetExceeded, StepSizeUnderflow
 from .sample_stats import PerSampleStats, SampleStatus
 from .tableaux import ButcherTableau
@@ -67,8 +77,8 @@ class _Rows:
     k0: torch.Tensor  # f(t, y), reused as the first stage (FSAL)
     t: torch.Tensor  # current time, in the integration direction
     h: torch.Tensor  # next step size to try (> 0)
-    rtol: torch.Tensor  # (active, 1, ..., 1)
-    atol: torch.Tensor  # (active, 1, ..., 1)
+    rtol: torch.Tensor  # (active, 1, ..., 1), error-control dtype
+    atol: torch.Tensor  # (active, 1, ..., 1), error-control dtype
     attempts: torch.Tensor  # steps tried (int64)
     accepted: torch.Tensor  # steps accepted (int64)
     outputs_done: torch.Tensor  # output times already passed (int64); always < n_times while active
@@ -170,11 +180,11 @@ def _initial_step(
     ``rows.h`` is not read)."""
     with torch.no_grad():
         y, f0 = rows.y, rows.k0
-        scale = torch.addcmul(rows.atol, rows.rtol, y.abs())
+        scale = torch.addcmul(rows.atol, rows.rtol, y.abs().to(rows.rtol.dtype))  # error-control dtype
         d0 = norm((y / scale).square()).sqrt()
         d1 = norm((f0 / scale).square()).sqrt()
         h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1).clamp(max=interval)
-        y1 = torch.addcmul(y, h0.view(broadcast), f0)
+        y1 = torch.addcmul(y, h0.to(y.dtype).view(broadcast), f0)
         f1 = field(rows.t + h0.to(rows.t.dtype), y1, rows.idx)
         d2 = norm(((f1 - f0) / scale).square()).sqrt() / h0
         flat = (d1 <= 1e-15) & (d2 <= 1e-15)
@@ -270,8 +280,9 @@ def integrate(
         field: the vector field, see :data:`Field`.
         y0: ``(batch, *state)``.
         t: ``(n_times >= 2,)`` strictly monotone output times (validated by the caller); its
-            dtype, promoted with ``y0``'s, is the dtype of the solver's time.
-        rtol, atol: ``(batch,)`` positive finite tolerances, ``y0``'s dtype.
+            dtype, promoted with ``y0``'s (and at least float32), is the dtype of the solver's time.
+        rtol, atol: ``(batch,)`` positive finite tolerances in the error-control dtype
+            (:func:`tolgate.checks.control_dtype` of ``y0``'s dtype).
         tableau: the method.
         max_num_steps: attempted steps allowed per sample, or ``None`` for no budget.
         raise_on_failure: raise the failing sample's typed exception at once (the lowest index
@@ -281,7 +292,7 @@ def integrate(
     Returns:
         ``ys`` ``(n_times, batch, *state)`` (NaN where a failed sample never got) and the stats.
     """
-    time_dtype = torch.promote_types(y0.dtype, t.dtype)
+    time_dtype = torch.promote_types(torch.promote_types(y0.dtype, t.dtype), control_dtype(y0.dtype))
     direction = 1.0 if bool(t[-1] > t[0]) else -1.0
     times = t.to(time_dtype) * direction  # increasing in the integration direction
     t_start, t_end = float(times[0]), float(times[-1])
@@ -332,18 +343,29 @@ def integrate(
     min_factor = torch.tensor(MIN_FACTOR, dtype=time_dtype, device=device)
     infinity = torch.tensor(float("inf"), dtype=time_dtype, device=device)
     last_time = times.shape[0] - 1
+    # float16 overflows at 65504, within reach of a large step: reject such steps (a smaller one may
+    # not overflow). Wider dtypes only overflow in a blow-up, and that fails anyway; the test at
+    # exit below keeps an overflowed last step from passing as a success, at no cost per step.
+    reject_overflow = y0.dtype in LOW_PRECISION_DTYPES
 
     while True:
         t1, h, h_state, ks, y1 = _stages(field, rows, tableau, t_end, broadcast)
 
         with torch.no_grad():
             error = _combine(tableau.b_error, ks) * h_state
-            scale = torch.addcmul(rows.atol, rows.rtol, torch.maximum(rows.y.abs(), y1.abs()))
+            magnitude = torch.maximum(rows.y.abs(), y1.abs())
+            scale = torch.addcmul(rows.atol, rows.rtol, magnitude.to(rows.rtol.dtype))  # error-control dtype
             error_sq = norm((error / scale).square())
             # NaN -> inf: a non-finite step is rejected and shrinks h by MIN_FACTOR.
             error_sq = torch.nan_to_num(
-                error_sq if time_dtype == y0.dtype else error_sq.to(time_dtype), nan=float("inf")
+                error_sq if time_dtype == error_sq.dtype else error_sq.to(time_dtype), nan=float("inf")
             )
+            if reject_overflow:
+                # An overflowed state has the error scale atol + rtol |y1| = inf, so its scaled error
+                # is 0 and the step would pass: reject it (the row maximum of the magnitude is NaN
+                # or inf exactly then; amax propagates NaN).
+                finite_state = torch.isfinite(magnitude.reshape(magnitude.shape[0], -1).amax(1))
+                error_sq = torch.where(finite_state, error_sq, infinity)
             accept = error_sq < 1.0
             max_factor = torch.where(rows.last_accepted, max_growth, no_growth)
             h_next = h * torch.clamp(SAFETY * error_sq**exponent, min=min_factor, max=max_factor)
@@ -382,6 +404,8 @@ def integrate(
         if any_finished:
             leaving = torch.nonzero(finished).squeeze(1)
             codes = _status_codes(done, underflow, error_sq).index_select(0, leaving)
+            final = rows.y.index_select(0, leaving).detach().abs().reshape(leaving.shape[0], -1).amax(1)
+            codes = torch.where(torch.isfinite(final), codes, int(SampleStatus.NON_FINITE))
             failed = codes != SampleStatus.SUCCESS
             if raise_on_failure and bool(failed.any()):
                 bad = torch.nonzero(failed).squeeze(1)  # positions in `leaving`
