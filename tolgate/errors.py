@@ -1,8 +1,11 @@
 """The exceptions users catch.
 
-torchdiffeq reports solver failures with bare ``assert`` statements (stripped under ``python -O``).
-:class:`~tolgate.GatedSolver` translates them into the typed exceptions below, each carrying the
-:class:`~tolgate.records.SolveRecord` of the failed solve so far.
+torchdiffeq reports solver failures with bare ``assert`` statements, which ``python -O`` strips:
+a step budget is then ignored and a NaN or a blow-up loops for ever. :class:`~tolgate.GatedSolver`
+therefore checks the step budget, the step size and non-finite values itself, from torchdiffeq's
+step callbacks (and the per-sample backend in its own step loop), and raises the typed exceptions
+below, each carrying the :class:`~tolgate.records.SolveRecord` of the failed solve so far, with
+or without ``-O``.
 """
 
 from __future__ import annotations
@@ -22,15 +25,16 @@ class SolveError(RuntimeError):
 
 
 class StepBudgetExceeded(SolveError):
-    """The solver took more steps than ``max_num_steps`` allowed."""
+    """The solver needed more steps (accepted and rejected) than ``max_num_steps`` allowed."""
 
 
 class StepSizeUnderflow(SolveError):
-    """The adaptive step size became too small to advance time."""
+    """The adaptive step size became too small to advance time (a few ulps of ``t``)."""
 
 
 class NonFiniteStateError(SolveError):
-    """NaN or inf appeared in the initial state or was produced by the vector field."""
+    """NaN or inf in the solve: in the initial state, in the vector field's output, or in the
+    solver's own arithmetic (an overflow of the state's dtype); the message says which."""
 
 
 class NonFiniteToleranceError(ValueError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -11,13 +12,27 @@ Tolerance = float | torch.Tensor
 
 
 class SolveStatus(enum.Enum):
-    """How a solve ended."""
+    """How a solve ended.
+
+    ``RUNNING`` only while the solve runs: a record that a raised exception left behind always
+    carries one of the failure statuses. With ``adjoint=True`` the status also covers the adjoint
+    solve that autograd's backward runs: a failure there replaces ``SUCCESS``.
+    """
 
     RUNNING = "running"
     SUCCESS = "success"
+    #: more steps than ``max_num_steps`` (:class:`~tolgate.errors.StepBudgetExceeded`)
     STEP_BUDGET_EXCEEDED = "step_budget_exceeded"
+    #: the step size fell to a few ulps of the time (:class:`~tolgate.errors.StepSizeUnderflow`)
     STEP_SIZE_UNDERFLOW = "step_size_underflow"
+    #: NaN or inf in the field's output or the state (:class:`~tolgate.errors.NonFiniteStateError`)
     NON_FINITE = "non_finite"
+    #: the vector field raised an exception (re-raised unchanged, with ``exc.record`` set)
+    FIELD_ERROR = "field_error"
+    #: interrupted (``KeyboardInterrupt`` or another non-``Exception``) while solving
+    INTERRUPTED = "interrupted"
+    #: any other exception raised while solving (inside torchdiffeq, say)
+    FAILED = "failed"
 
 
 @dataclass
@@ -49,6 +64,11 @@ class SolveRecord:
         nfe_per_sample: per-sample evaluation counts ``(batch,)`` where the backend reports
             them, else ``None``.
         status: how the solve ended; ``t_reached`` the last time the solver stepped from.
+        extra: backend-specific facts, e.g. ``rows_evaluated`` (per-sample backend) or
+            ``failed_in="adjoint"`` when the adjoint solve of autograd's backward failed.
+
+    Copies (``copy.deepcopy``, pickling) hold detached tensors: ``log_prob`` is part of the graph
+    of the solve that made it, which a copy of a model (an EMA or best-so-far copy) cannot share.
     """
 
     method: str
@@ -66,6 +86,15 @@ class SolveRecord:
     status: SolveStatus = SolveStatus.RUNNING
     t_reached: float | None = None
     extra: dict = field(default_factory=dict)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The fields, with every tensor detached (deepcopy and pickle copy this state)."""
+        state = dict(self.__dict__)
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                state[name] = value.detach()
+        state["extra"] = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in self.extra.items()}
+        return state
 
     @property
     def nfe_total(self) -> int:
