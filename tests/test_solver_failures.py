@@ -358,6 +358,7 @@ def test_deepcopy_of_a_model_after_a_training_mode_solve() -> None:
     assert model.solver.records[-1].log_prob.requires_grad  # the original keeps its graph
     restored = pickle.loads(pickle.dumps(model.solver.records[-1]))
     assert restored.status is SolveStatus.SUCCESS and not restored.log_prob.requires_grad
+    assert copy.copy(model.solver.records[-1]).log_prob is model.solver.records[-1].log_prob
 
 
 # ---------------------------------------------------------------- the same under python -O

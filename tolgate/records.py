@@ -67,8 +67,9 @@ class SolveRecord:
         extra: backend-specific facts, e.g. ``rows_evaluated`` (per-sample backend) or
             ``failed_in="adjoint"`` when the adjoint solve of autograd's backward failed.
 
-    Copies (``copy.deepcopy``, pickling) hold detached tensors: ``log_prob`` is part of the graph
-    of the solve that made it, which a copy of a model (an EMA or best-so-far copy) cannot share.
+    Deep copies and pickles hold detached tensors: ``log_prob`` is part of the graph of the solve
+    that made it, which a copy of a model (an EMA or best-so-far copy) cannot share; ``copy.copy``
+    shares the tensors as they are.
     """
 
     method: str
@@ -86,6 +87,12 @@ class SolveRecord:
     status: SolveStatus = SolveStatus.RUNNING
     t_reached: float | None = None
     extra: dict = field(default_factory=dict)
+
+    def __copy__(self) -> SolveRecord:
+        """A shallow copy shares the tensors, graph included (``__getstate__`` is for deep copies)."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
 
     def __getstate__(self) -> dict[str, Any]:
         """The fields, with every tensor detached (deepcopy and pickle copy this state)."""
