@@ -70,7 +70,7 @@ from .checkpoints import (
 )
 from .cnf import DIVERGENCES, NOISES
 from .conditioning import ZY_LOCATIONS
-from .data import DATASET_NAMES, bits_per_dim, derived_seed, load_dataset, make_batches
+from .data import DATASET_NAMES, ImageDataset, bits_per_dim, derived_seed, load_dataset, make_batches
 from .models import MODEL_KINDS, FlowModel, ModelConfig, build_model, set_divergence
 from .odefuncs import TIME_EMBEDDINGS
 from .tolerance import ToleranceConfig, ToleranceLearner, policy_factory
@@ -656,13 +656,17 @@ class Trainer:
     restore. ``epoch`` and ``batch`` are the position of the next iteration, ``step`` the number of
     iterations completed; all three are what ``last.pt`` records."""
 
-    def __init__(self, config: TrainConfig, resume: bool = False) -> None:
+    def __init__(self, config: TrainConfig, resume: bool = False, dataset: ImageDataset | None = None) -> None:
+        """``dataset``: use these images instead of loading ``config.dataset`` (synthetic data for
+        checks such as benchmarks/gpu_check.py); everything else is read from ``config``."""
         self.config = config
         self.device = _device(config)
         self.ranks = init_distributed(self.device)
         self.out = Path(config.out)
         state = self._checked_state(resume)
-        self.dataset = load_dataset(config.dataset, config.data_dir, split_seed=0, val_fraction=config.val_fraction)
+        self.dataset = dataset or load_dataset(
+            config.dataset, config.data_dir, split_seed=0, val_fraction=config.val_fraction
+        )
         self.train_batches = self._batches("train", config.batch_size)
         self.val_batches = self._batches("val", config.eval_batch_size)
         self.test_batches = self._batches("test", config.eval_batch_size)
