@@ -14,21 +14,25 @@ import argparse
 import json
 import sys
 import textwrap
+import typing
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
 from tolgate import SolveError, StepBudgetExceeded
-from tolgate.solver import ADAPTIVE_METHODS, BACKENDS
 
 from .checkpoints import RESUME_MAY_CHANGE, check_output_folder, flag_of, stored_config
-from .cnf import DIVERGENCES, NOISES
-from .conditioning import ZY_LOCATIONS
-from .data import DATASET_NAMES
-from .models import MODEL_KINDS
 from .report import comparison_table, learning_verdict
-from .tolerance import ESTIMATORS, TOLERANCE_MODES
-from .train import PRESETS, STOP_GRACE_SECONDS, TrainConfig, gate_mean_from_run, run
+from .train import (
+    CHOICES,
+    DATASET_PRESETS,
+    NO_PRESET,
+    PRESETS,
+    STOP_GRACE_SECONDS,
+    TrainConfig,
+    gate_mean_from_run,
+    run,
+)
 
 # The README's main job: Table 1's three rows on the bundled digits, then the question the
 # library exists for: does a learned tolerance beat simply loosening a fixed one? Rows: name and
@@ -43,6 +47,7 @@ COMPARISON: tuple[tuple[str, dict], ...] = (
 )
 _DEFAULTS = TrainConfig()
 DEFAULT_OUT = _DEFAULTS.out
+DATASET_PRESETS_TEXT = ", ".join(f"{preset} for --dataset {name}" for name, preset in DATASET_PRESETS.items())
 # Exit statuses: argparse's for a refused command line, the shell's for Ctrl-C.
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -116,11 +121,74 @@ def _field_default(name: str) -> Any:
     return getattr(_DEFAULTS, name)
 
 
-def _option(p: argparse.ArgumentParser, flag: str, help: str = "", field: str | None = None, **kwargs: Any) -> None:
-    """``p.add_argument(flag)`` whose help ends with the value used when the flag is left out."""
-    name = field or flag[2:].replace("-", "_")
-    text = f"{help} {default_text(name)}".strip()
-    p.add_argument(flag, help=text, **kwargs)
+# What each field's flag does, where its name does not say it all. The flags themselves, their types
+# and their choices are derived from TrainConfig and CHOICES (see :func:`field_arguments`).
+_HELP = {
+    "data_dir": "folder holding cifar-10-batches-bin (or -py) / the MNIST IDX files",
+    "train_tol": "fixed training tolerance; start of schedules and gates",
+    "eval_tol": "fixed tolerance of every evaluation",
+    "schedule_end_tol": "scheduled: tolerance reached at the last epoch",
+    "gate_lr": "learning rate of the gates",
+    "lr_decay_epoch": "multiply the learning rates by --lr-decay from this epoch on",
+    "lr_decay": "factor applied to the learning rates from --lr-decay-epoch on",
+    "warmup_iters": "linear learning-rate warm-up over this many iterations",
+    "grad_clip": "clip the gradient norm at this value",
+    "beta": "weight of the cross-entropy (nats) against bits/dim (Eq. 4)",
+    "alpha": "REINFORCE price of one NFE (Eq. 6)",
+    "baseline_momentum": "momentum of the REINFORCE running-mean baseline",
+    "reward_backward_nfe": "reward -(forward + backward) NFE instead of forward NFE",
+    "reward_loss_weight": "weight of the task loss inside the REINFORCE return (Eq. 7 uses 1; 0: NFE only)",
+    "estimator": "learned: 'probe' (draws on a probe of the batch, reference-calibrated return) or 'paper' (Eq. 7)",
+    "probe_every": "probe estimator / adaptive: probe every N iterations",
+    "probe_size": "rows of the batch each probe solves",
+    "probe_draws": "probe estimator: gate draws per probe (>= 2)",
+    "budget_fraction": "solver-error budget as a fraction of the minibatch loss's standard error (probe, adaptive)",
+    "penalty": "probe estimator: weight of exceeding the solver-error budget",
+    "adaptive_step": "adaptive: decades moved per calibration",
+    "device": "cpu, cuda, cuda:1, ...",
+    "out": "output folder (metrics.jsonl, checkpoints, plots, summary.json)",
+    "hidden": "filters of each ODE net's convolutions",
+    "n_flows": "CNF blocks on each side of every squeeze",
+    "method": "per backend: torchdiffeq takes the adaptive methods, tolgate dopri5, bosh3, tsit5",
+    "adjoint": "adjoint backward pass",
+    "seminorm": "seminorm adjoint (needs --adjoint)",
+    "backend": "tolgate: per-sample step sizes and (with learned gates) per-sample tolerances",
+    "time_embedding": "how the ODE nets see the time",
+    "eval_draws": "Hutchinson draws averaged per test image",
+    "eval_noise_seed": "seed the evaluation noise per batch: every model and tolerance sees the same draws",
+    "eval_batch_size": "images per evaluation batch",
+    "max_train_batches": "iterations per epoch",
+    "max_eval_batches": "batches per evaluation",
+    "val_fraction": "share of the training images held out for validation",
+    "recheck_tols": "re-evaluate the selected checkpoint at these",
+    "sample_every": "write a class-conditional sample grid every N epochs (0: never)",
+    "max_num_steps": "step budget of every solve; a solve that needs more stops the run",
+}
+# Fields set through a flag of another form: --no-progress, --gate-mean-from (see _add_special_flags).
+_SPECIAL_FIELDS = ("progress_bar", "gate_mean_log10")
+
+
+def field_arguments(name: str) -> dict[str, Any]:
+    """``add_argument`` keywords of the field ``name``, from its type and :data:`CHOICES`. Every flag
+    defaults to ``None`` (left out), so a run can tell a given value from a default."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    kind = base[0] if len(base) == 1 else hint
+    if kind is bool:
+        return {"action": "store_true", "default": None}
+    if typing.get_origin(kind) is list:
+        return {"type": typing.get_args(kind)[0], "nargs": "*"}
+    if name in CHOICES:
+        return {"choices": CHOICES[name]}
+    return {"type": kind} if kind in (int, float) else {}
+
+
+def _add_field_flags(p: argparse.ArgumentParser) -> None:
+    for f in fields(TrainConfig):
+        if f.name in _SPECIAL_FIELDS:
+            continue
+        text = f"{_HELP.get(f.name, '')} {default_text(f.name)}".strip()
+        p.add_argument(flag_of(f.name), dest=f.name, help=text, **field_arguments(f.name))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -129,86 +197,14 @@ def parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), help="base settings; explicit flags override them")
-    _option(p, "--dataset", choices=DATASET_NAMES)
-    _option(p, "--data-dir", help="folder holding cifar-10-batches-bin (or -py) / the MNIST IDX files")
-    _option(p, "--model", choices=MODEL_KINDS)
-    _option(p, "--tolerance", choices=TOLERANCE_MODES)
-    _option(p, "--train-tol", type=float, help="fixed training tolerance; start of schedules and gates")
-    _option(p, "--eval-tol", type=float, help="fixed tolerance of every evaluation")
-    _option(p, "--schedule-end-tol", type=float, help="scheduled: tolerance reached at the last epoch")
+    p.add_argument(
+        "--preset",
+        choices=(*sorted(PRESETS), NO_PRESET),
+        help=f"base settings; explicit flags override them (default: {DATASET_PRESETS_TEXT}, else {NO_PRESET}: "
+        "the field defaults, the paper's GPU settings)",
+    )
+    _add_field_flags(p)
     p.add_argument("--gate-mean-from", help="gate-mean: a learned run's output folder to read gate means from")
-    _option(p, "--batch-size", type=int)
-    _option(p, "--epochs", type=int)
-    _option(p, "--lr", type=float)
-    _option(p, "--gate-lr", type=float, help="learning rate of the gates")
-    _option(p, "--lr-decay-epoch", type=int, help="multiply the learning rates by 0.1 from this epoch on")
-    _option(p, "--warmup-iters", type=int, help="linear learning-rate warm-up over this many iterations")
-    _option(p, "--grad-clip", type=float, help="clip the gradient norm at this value")
-    _option(p, "--beta", type=float, help="weight of the cross-entropy (nats) against bits/dim (Eq. 4)")
-    _option(p, "--alpha", type=float, help="REINFORCE price of one NFE (Eq. 6)")
-    _option(
-        p,
-        "--reward-backward-nfe",
-        action="store_true",
-        default=None,
-        help="reward -(forward + backward) NFE instead of forward NFE",
-    )
-    _option(
-        p,
-        "--reward-loss-weight",
-        type=float,
-        help="weight of the task loss inside the REINFORCE return (Eq. 7 uses 1; 0: NFE only)",
-    )
-    _option(
-        p,
-        "--estimator",
-        choices=ESTIMATORS,
-        help="learned: 'probe' (draws on a probe of the batch, reference-calibrated return) or 'paper' (Eq. 7)",
-    )
-    _option(p, "--probe-every", type=int, help="probe estimator / adaptive: probe every N iterations")
-    _option(p, "--probe-size", type=int, help="rows of the batch each probe solves")
-    _option(p, "--probe-draws", type=int, help="probe estimator: gate draws per probe (>= 2)")
-    _option(
-        p,
-        "--budget-fraction",
-        type=float,
-        help="solver-error budget as a fraction of the minibatch loss's standard error (probe, adaptive)",
-    )
-    _option(p, "--penalty", type=float, help="probe estimator: weight of exceeding the solver-error budget")
-    _option(p, "--adaptive-step", type=float, help="adaptive: decades moved per calibration")
-    _option(p, "--seed", type=int)
-    _option(p, "--device", help="cpu, cuda, cuda:1, ...")
-    _option(p, "--out", help="output folder (metrics.jsonl, checkpoints, plots, summary.json)")
-    _option(p, "--hidden", type=int, help="filters of each ODE net's convolutions")
-    _option(p, "--n-flows", type=int, help="CNF blocks on each side of every squeeze")
-    _option(p, "--n-scales", type=int)
-    _option(p, "--method", choices=ADAPTIVE_METHODS)
-    _option(p, "--adjoint", action="store_true", default=None, help="adjoint backward pass")
-    _option(
-        p,
-        "--backend",
-        choices=BACKENDS,
-        help="tolgate: per-sample step sizes and (with learned gates) per-sample tolerances",
-    )
-    _option(p, "--seminorm", action="store_true", default=None, help="seminorm adjoint (needs --adjoint)")
-    _option(p, "--max-num-steps", type=int, help="step budget of every solve; a solve that needs more stops the run")
-    _option(p, "--noise", choices=NOISES)
-    _option(p, "--zy-fraction", type=float)
-    _option(p, "--zy-location", choices=ZY_LOCATIONS)
-    _option(p, "--eval-divergence", choices=DIVERGENCES)
-    _option(p, "--eval-draws", type=int, help="Hutchinson draws averaged per test image")
-    _option(
-        p,
-        "--eval-noise-seed",
-        type=int,
-        help="seed the evaluation noise per batch: every model and tolerance sees the same draws",
-    )
-    _option(p, "--eval-batch-size", type=int, help="images per evaluation batch")
-    _option(p, "--max-train-batches", type=int, help="iterations per epoch")
-    _option(p, "--max-eval-batches", type=int, help="batches per evaluation")
-    _option(p, "--recheck-tols", type=float, nargs="*", help="re-evaluate the selected checkpoint at these")
-    _option(p, "--sample-every", type=int, help="write a class-conditional sample grid every N epochs (0: never)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (shown by default)")
     p.add_argument(
         "--resume",
@@ -225,9 +221,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def explicit_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings the command line names: its preset's, then every flag given."""
-    values = dict(PRESETS[args.preset]) if args.preset else {}
+def preset_of(args: argparse.Namespace, stored: dict[str, Any] | None) -> str | None:
+    """The preset the run starts from: ``--preset``, else (for a fresh run) its dataset's entry in
+    ``DATASET_PRESETS``; a resumed run without ``--preset`` keeps its stored settings."""
+    if args.preset is not None:
+        return None if args.preset == NO_PRESET else args.preset
+    if stored:
+        return None
+    return DATASET_PRESETS.get(args.dataset or _DEFAULTS.dataset)
+
+
+def explicit_values(args: argparse.Namespace, preset: str | None = None) -> dict[str, Any]:
+    """The settings the command line names: ``preset``'s, then every flag given."""
+    values = dict(PRESETS[preset]) if preset else {}
     for f in fields(TrainConfig):
         flag = getattr(args, f.name, None)
         if flag is not None:
@@ -241,11 +247,11 @@ def explicit_values(args: argparse.Namespace) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
     """The run's configuration: defaults (with ``--resume``, the stored run's configuration
-    instead), then the preset, the flags given and ``overrides``."""
-    explicit = {**explicit_values(args), **overrides}
-    out = explicit.get("out") or DEFAULT_OUT
-    values = asdict(_DEFAULTS)
+    instead), then the preset (:func:`preset_of`), the flags given and ``overrides``."""
+    out = overrides.get("out") or args.out or DEFAULT_OUT
     stored = stored_config(Path(out)) if args.resume else None
+    explicit = {**explicit_values(args, preset_of(args, stored)), **overrides}
+    values = asdict(_DEFAULTS)
     if stored:
         values.update({k: v for k, v in stored.items() if k in values})
     values.update(explicit)

@@ -73,7 +73,7 @@ from .conditioning import ZY_LOCATIONS
 from .data import DATASET_NAMES, ImageDataset, bits_per_dim, derived_seed, load_dataset, make_batches
 from .models import MODEL_KINDS, FlowModel, ModelConfig, build_model, set_divergence
 from .odefuncs import TIME_EMBEDDINGS
-from .tolerance import ToleranceConfig, ToleranceLearner, policy_factory
+from .tolerance import ESTIMATORS, TOLERANCE_MODES, ToleranceConfig, ToleranceLearner, policy_factory
 
 # Step budget of every solve (attempted steps, accepted or rejected, per output interval). A dopri5
 # solve of these models takes a handful of steps (digits: 3-6 at 1e-5 and at 1e-8, ~5 per block
@@ -89,7 +89,7 @@ class TrainConfig:
 
     dataset: str = "digits"
     data_dir: str | None = None
-    model: str = "infocnf"
+    model: str = ModelConfig.kind
     tolerance: str = "fixed"
     train_tol: float = 1e-5
     eval_tol: float = 1e-5
@@ -118,17 +118,18 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     out: str = "runs/default"
-    hidden: int = 64
-    n_flows: int = 2
-    n_scales: int | None = None
-    method: str = "dopri5"
-    adjoint: bool = False
+    # The model's settings: ModelConfig's fields of the same name (``model`` is its ``kind``) and defaults.
+    hidden: int = ModelConfig.hidden
+    n_flows: int = ModelConfig.n_flows
+    n_scales: int | None = ModelConfig.n_scales
+    method: str = ModelConfig.method
+    adjoint: bool = ModelConfig.adjoint
     seminorm: bool = False
-    backend: str = "torchdiffeq"
-    noise: str = "rademacher"
-    time_embedding: str = "concat"
-    zy_fraction: float = 0.5
-    zy_location: str = "first-scale"
+    backend: str = ModelConfig.backend
+    noise: str = ModelConfig.noise
+    time_embedding: str = ModelConfig.time_embedding
+    zy_fraction: float = ModelConfig.zy_fraction
+    zy_location: str = ModelConfig.zy_location
     eval_divergence: str = "hutchinson"
     eval_draws: int = 1
     eval_noise_seed: int | None = None
@@ -180,18 +181,31 @@ class TrainConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+# TrainConfig's fields that are ModelConfig's, passed to it as they are (``model`` becomes its ``kind``).
+MODEL_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in fields(ModelConfig) if f.name in {g.name for g in fields(TrainConfig)} and f.name != "kind"
+)
+
+# Every field with a fixed set of values, read from the module that declares the set; the command
+# line offers exactly these. ``method`` is every method of some backend; each backend's own list is
+# checked in :func:`_check_choices`.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dataset": DATASET_NAMES,
+    "model": MODEL_KINDS,
+    "tolerance": TOLERANCE_MODES,
+    "estimator": ESTIMATORS,
+    "backend": BACKENDS,
+    "method": tuple(dict.fromkeys(ADAPTIVE_METHODS + PER_SAMPLE_METHODS)),
+    "noise": NOISES,
+    "time_embedding": TIME_EMBEDDINGS,
+    "zy_location": ZY_LOCATIONS,
+    "eval_divergence": DIVERGENCES,
+}
+
+
 def _check_choices(config: TrainConfig) -> None:
     methods = PER_SAMPLE_METHODS if config.backend == "tolgate" else ADAPTIVE_METHODS
-    for name, choices in (
-        ("dataset", DATASET_NAMES),
-        ("model", MODEL_KINDS),
-        ("backend", BACKENDS),
-        ("method", methods),
-        ("noise", NOISES),
-        ("time_embedding", TIME_EMBEDDINGS),
-        ("zy_location", ZY_LOCATIONS),
-        ("eval_divergence", DIVERGENCES),
-    ):
+    for name, choices in (*CHOICES.items(), ("method", methods)):
         if getattr(config, name) not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(config, name)!r}")
 
@@ -301,6 +315,12 @@ PRESETS: dict[str, dict] = {
     # Issue 4's grid: the cpu preset trained longer (reproduce_table1.py passes --epochs 5); every row shares it.
     "grid": {**_CPU, "epochs": 8, "sample_every": 8, "gate_lr": 3e-2},
 }
+# The preset a fresh command-line run starts from when --preset is left out, per dataset. The field
+# defaults are the paper's GPU settings (batch 256, 64 filters, 2 flows per scale): on the 8x8 digits
+# and 2 CPU cores that is about 2.5 minutes and 5 GB per iteration, so --dataset digits alone takes the
+# cpu preset (an epoch in about a minute). --preset none restores the field defaults.
+DATASET_PRESETS: dict[str, str] = {"digits": "cpu"}
+NO_PRESET = "none"
 
 
 # ----------------------------------------------------------------------------- policies
@@ -331,25 +351,17 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
     return torch.optim.Adam(groups)
 
 
+def model_config(config: TrainConfig, image_shape: tuple[int, int, int], n_classes: int) -> ModelConfig:
+    """The run's :class:`ModelConfig`: every field ``TrainConfig`` shares with it (``MODEL_FIELDS``),
+    ``model`` as its ``kind``, and the data's shape and classes; the rest at ModelConfig's defaults."""
+    shared = {name: getattr(config, name) for name in MODEL_FIELDS}
+    return ModelConfig(kind=config.model, image_shape=image_shape, n_classes=n_classes, **shared)
+
+
 def build(config: TrainConfig, image_shape: tuple[int, int, int], n_classes: int) -> FlowModel:
-    model_config = ModelConfig(
-        kind=config.model,
-        image_shape=image_shape,
-        n_classes=n_classes,
-        n_scales=config.n_scales,
-        n_flows=config.n_flows,
-        hidden=config.hidden,
-        time_embedding=config.time_embedding,
-        noise=config.noise,
-        zy_fraction=config.zy_fraction,
-        zy_location=config.zy_location,
-        method=config.method,
-        adjoint=config.adjoint,
-        max_num_steps=config.max_num_steps,
-        backend=config.backend,
-    )
+    model_config_ = model_config(config, image_shape, n_classes)
     policies = policy_factory(config.tolerance_config(), gate_net=ConvGate)
-    model = build_model(model_config, policies, eval_policy=FixedTolerance(config.eval_tol))
+    model = build_model(model_config_, policies, eval_policy=FixedTolerance(config.eval_tol))
     if config.seminorm:
         if not config.adjoint:
             raise ValueError("seminorm applies to the adjoint solve: set adjoint=True as well")
