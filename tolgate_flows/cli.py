@@ -1,7 +1,9 @@
 """Command line of the training entry point (benchmarks/cifar_infocnf.py).
 
-Every flag maps to a :class:`~tolgate_flows.train.TrainConfig` field; its help shows the value a
-run uses when the flag is left out (the field's default, and each preset's where it differs).
+Every :class:`~tolgate_flows.train.TrainConfig` field has a flag, derived from the field's type and,
+for a fixed set of values, from :data:`~tolgate_flows.train.CHOICES`; its help shows the value a run
+uses when the flag is left out (the field's default, and each preset's where it differs). Without
+``--preset`` a fresh run starts from its dataset's preset (``DATASET_PRESETS``: cpu for digits).
 User errors (a bad value, a missing data file, a refused output folder, a solve that broke its
 step budget) print one line ``error: <message>`` to stderr and exit with status 2, as argparse
 does; a traceback means a bug. Ctrl-C exits with status 130 after saving (see
