@@ -18,7 +18,7 @@ def _block(backend: str, policy=None, divergence="exact") -> CNFBlock:
 def test_per_sample_backend_matches_torchdiffeq_density():
     z = torch.randn(16, 3, dtype=torch.float64)
     z_ref, logp_ref = _block("torchdiffeq")(z)
-    z_ps, logp_ps = _block("tolgate")(z)
+    z_ps, logp_ps = _block("per_sample")(z)
     assert torch.allclose(z_ps, z_ref, atol=1e-6)
     assert torch.allclose(logp_ps, logp_ref, atol=1e-6)
 
@@ -27,7 +27,7 @@ def test_sample_result_is_independent_of_its_batch():
     torch.manual_seed(1)
     z = torch.randn(64, 3, dtype=torch.float64) * torch.logspace(-1, 1, 64, dtype=torch.float64)[:, None]
     noise = torch.randint(0, 2, z.shape).double() * 2 - 1
-    block = _block("tolgate", FixedTolerance(1e-5), divergence="hutchinson")
+    block = _block("per_sample", FixedTolerance(1e-5), divergence="hutchinson")
     block._draw_noise = lambda zz: noise[: zz.shape[0]] if zz.shape[0] == 64 else noise[37:38]
     with torch.no_grad():
         _, logp_batch = block(z)
@@ -39,7 +39,7 @@ def test_sample_result_is_independent_of_its_batch():
 
 def test_per_sample_gate_gets_per_sample_rewards():
     gate = GaussianGate(MLPGate(3).double(), reduction="none", initial_log10=-4.0)
-    block = _block("tolgate", gate, divergence="hutchinson")
+    block = _block("per_sample", gate, divergence="hutchinson")
     z = torch.randn(8, 3, dtype=torch.float64)
     _, logp = block(z)
     record = block.solver.records[-1]

@@ -39,7 +39,7 @@ from tolgate.checks import MIN_RTOL_IN_EPS
 
 F64 = torch.float64
 T01 = torch.tensor([0.0, 1.0], dtype=F64)
-BACKENDS = ("torchdiffeq", "tolgate")
+BACKENDS = ("torchdiffeq", "per_sample")
 
 
 def field_for(backend: str, func):
@@ -385,7 +385,7 @@ _UNDER_O = textwrap.dedent(
         results[name] = {"outcome": outcome, "status": record.status.value, "steps": record.n_steps,
                          "seconds": time.perf_counter() - start}
 
-    for backend in ("torchdiffeq", "tolgate"):
+    for backend in ("torchdiffeq", "per_sample"):
         wrap = (lambda f: f) if backend == "torchdiffeq" else from_torchdiffeq
         attempt(f"budget/{backend}", GatedSolver(FixedTolerance(1e-8), max_num_steps=2, backend=backend),
                 wrap(lambda t, y: -y), torch.ones(2, 3, dtype=F64), T01)

@@ -1,11 +1,17 @@
 """tolgate: adaptive ODE solves with exact NFE accounting and learned error tolerances.
 
-Where things live: tolerances are chosen in :mod:`tolgate.policies`, NFEs are counted in
-:mod:`tolgate.solver` (``_CountingField``) and stored in :mod:`tolgate.records`, the REINFORCE
-loss is formed in :mod:`tolgate.reinforce`; gate networks are in :mod:`tolgate.gates`.
+Where things live: tolerances (or step sizes) are chosen in :mod:`tolgate.policies`, a solve is
+run by :mod:`tolgate.solver` through a backend (:mod:`tolgate.backends`; torchdiffeq's internals
+only in :mod:`tolgate.torchdiffeq_backend`), NFEs are counted in :mod:`tolgate.counting` and
+stored in :mod:`tolgate.records`, the REINFORCE loss is formed in :mod:`tolgate.reinforce`; gate
+networks are in :mod:`tolgate.gates`. :func:`odeint`/:func:`odeint_adjoint` are drop-ins for
+torchdiffeq's (:mod:`tolgate.dropin`).
 """
 
+from .backends import BACKENDS, PerSampleBackend
+from .dropin import odeint, odeint_adjoint
 from .errors import (
+    AdjointParamsError,
     NonFiniteStateError,
     NonFiniteToleranceError,
     SolveError,
@@ -13,8 +19,9 @@ from .errors import (
     StepSizeUnderflow,
 )
 from .gates import ConvGate, MLPGate
-from .persample import PerSampleData, from_torchdiffeq, solve_per_sample
+from .persample import PerSampleData, from_torchdiffeq, index_aware, solve_per_sample
 from .policies import (
+    FixedStepSize,
     FixedTolerance,
     GaussianGate,
     NoiseMatchedTolerance,
@@ -29,8 +36,17 @@ from .reinforce import RunningMeanBaseline, cumulative_returns, leave_one_out_lo
 from .sample_stats import PerSampleStats, SampleStatus
 from .scopes import collect_records, use_policies
 from .solver import GatedSolver, gated_solvers, set_progress
+from .torchdiffeq_backend import TorchdiffeqBackend
 
 __all__ = [
+    "AdjointParamsError",
+    "BACKENDS",
+    "FixedStepSize",
+    "PerSampleBackend",
+    "TorchdiffeqBackend",
+    "index_aware",
+    "odeint",
+    "odeint_adjoint",
     "Calibration",
     "ConvGate",
     "FixedTolerance",

@@ -23,13 +23,15 @@ LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
 MIN_RTOL_IN_EPS = 10.0
 
 
-def check_times(t: torch.Tensor) -> list[float]:
-    """Raise ``ValueError`` unless ``t`` is a 1-D tensor of >= 2 finite, strictly monotone times.
+def check_times(t: torch.Tensor, min_times: int = 2) -> list[float]:
+    """Raise ``ValueError`` unless ``t`` is a 1-D tensor of >= ``min_times`` finite, strictly
+    monotone times (a single time: torchdiffeq returns ``y0`` stacked, a GatedSolver too).
 
     Returns the times as Python floats (``t.tolist()``).
     """
-    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() < 2:
-        raise ValueError(f"t must be a 1-D tensor of at least two times, got {t!r}")
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() < min_times:
+        count = "one time" if min_times == 1 else f"at least {('one', 'two')[min_times - 1]} times"
+        raise ValueError(f"t must be a 1-D tensor of {count}, got {t!r}")
     # One device-to-host copy, then plain Python: output grids are short, and a handful of tensor
     # reductions here cost more than the copy (this runs on every solve).
     times = t.tolist()

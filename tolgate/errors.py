@@ -39,3 +39,12 @@ class NonFiniteStateError(SolveError):
 
 class NonFiniteToleranceError(ValueError):
     """A tolerance policy (for example a gate network) produced a NaN or infinite tolerance."""
+
+
+class AdjointParamsError(TypeError, ValueError):
+    """``adjoint=True`` with a field that is not an ``nn.Module`` and no ``adjoint_params``.
+
+    Both a ``TypeError`` (the field's type is the problem; what :class:`~tolgate.GatedSolver`
+    always raised) and a ``ValueError`` (what ``torchdiffeq.odeint_adjoint`` raises), so code
+    written for either catches it.
+    """

@@ -23,7 +23,8 @@ Vector-field contract
   breaks the independence that the per-sample error control assumes.
 
 Fields written for ``torchdiffeq`` (``func(t, y)`` with a scalar ``t``) can be wrapped with
-:func:`from_torchdiffeq` when they satisfy the last point.
+:func:`from_torchdiffeq` when they satisfy the last point; a :class:`~tolgate.GatedSolver` with
+``backend="per_sample"`` does that itself for every field not marked :func:`index_aware`.
 
 Gradients: backpropagate through the solve (``loss.backward()``). Step-size decisions carry no
 gradient. The adjoint method is not supported by this backend (``adjoint=True`` raises
@@ -35,7 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -48,6 +49,9 @@ State = torch.Tensor | tuple[torch.Tensor, ...]
 #: ``func(t: (active,), y: (active, *state) or tuple, idx: (active,) int64) -> same as y``
 PerSampleField = Callable[[torch.Tensor, State, torch.Tensor], State]
 Tolerance = float | torch.Tensor
+F = TypeVar("F", bound=Callable[..., Any])
+#: the attribute that marks a field ``f(t, y, idx)`` (see :func:`index_aware`)
+INDEX_AWARE = "takes_sample_index"
 #: a flat ``(..., total)`` tensor back to the tuple state's tensors
 Unpack = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 
@@ -165,6 +169,22 @@ def run_prepared(func: PerSampleField, problem: PreparedSolve, raise_on_failure:
     return unpack(ys), stats
 
 
+def index_aware(func: F) -> F:
+    """Mark ``func`` as an index-aware field ``f(t, y, idx)`` (the contract above) and return it.
+
+    A :class:`~tolgate.GatedSolver` calls a marked field with the row indices on either backend
+    (every row's, ``arange(batch)``, and a scalar ``t`` under torchdiffeq), and an unmarked one as
+    ``f(t, y)``. A class can set ``takes_sample_index = True`` instead (an ``nn.Module`` field).
+    """
+    setattr(func, INDEX_AWARE, True)
+    return func
+
+
+def takes_sample_index(func: Callable[..., Any]) -> bool:
+    """Whether ``func`` is marked index-aware (:func:`index_aware`)."""
+    return bool(getattr(func, INDEX_AWARE, False))
+
+
 def from_torchdiffeq(func: Callable[[torch.Tensor, State], State]) -> PerSampleField:
     """Adapt a torchdiffeq-style field ``func(t, y)`` to the per-sample contract.
 
@@ -180,7 +200,7 @@ def from_torchdiffeq(func: Callable[[torch.Tensor, State], State]) -> PerSampleF
         first = y[0] if isinstance(y, tuple) else y
         return func(t.view(-1, *([1] * (first.dim() - 1))), y)
 
-    return field
+    return index_aware(field)
 
 
 class PerSampleData:

@@ -43,15 +43,44 @@ class Progress:
 class ToleranceChoice:
     """A policy's answer for one solve.
 
-    ``rtol``/``atol``: float, or tensor of shape ``(batch,)`` (one tolerance per sample).
+    ``rtol``/``atol``: float, or tensor of shape ``(batch,)`` (one tolerance per sample); ``None``
+    for a choice that sets only ``step_size``.
     ``log10_tolerance``: the drawn ``log10(rtol)`` (detached), shape ``()`` or ``(batch,)``.
     ``log_prob``: log-density of the draw, differentiable in the gate's parameters, or ``None``.
+    ``step_size``: for fixed-grid methods (``euler``, ``rk4``, ...), the step size in time units,
+    passed to torchdiffeq as ``options["step_size"]``; the same knob as the tolerance, one level
+    down: a policy that chooses it is an ordinary policy (see :class:`FixedStepSize`).
+    ``per_element``: ``rtol``/``atol`` are in torchdiffeq's own layout (a tensor broadcastable to
+    the state, or a tuple with one per state tensor) and go to torchdiffeq unchanged, unvalidated
+    (how :func:`tolgate.odeint` passes a caller's tensor tolerances through).
     """
 
-    rtol: Tolerance
-    atol: Tolerance
+    rtol: Tolerance | None
+    atol: Tolerance | None
     log10_tolerance: torch.Tensor | None = None
     log_prob: torch.Tensor | None = None
+    step_size: float | None = None
+    per_element: bool = False
+
+    def validate(self) -> None:
+        """Raise ``ValueError``/``TypeError`` unless the choice can be solved with (see the fields)."""
+        if self.step_size is not None:
+            _validate_step_size(self.step_size)
+            if self.rtol is None and self.atol is None:
+                return
+        if self.per_element:
+            return
+        if self.rtol is None or self.atol is None:
+            raise ValueError("a choice without rtol/atol must set step_size (a fixed-grid policy)")
+        validate_tolerance(self.rtol, "rtol")
+        validate_tolerance(self.atol, "atol")
+
+
+def _validate_step_size(step_size: float) -> None:
+    if isinstance(step_size, bool) or not isinstance(step_size, (int, float)):
+        raise TypeError(f"step_size must be a float (time units), got {type(step_size).__name__}")
+    if not math.isfinite(step_size) or step_size <= 0:
+        raise ValueError(f"step_size must be finite and > 0, got {step_size!r}")
 
 
 def _validate_atol_ratio(atol_ratio: float) -> None:
@@ -113,6 +142,26 @@ class FixedTolerance(TolerancePolicy):
 
     def extra_repr(self) -> str:
         return f"rtol={self.rtol:g}, atol={self.atol:g}"
+
+
+class FixedStepSize(TolerancePolicy):
+    """The same step size for every solve, for fixed-grid methods (``rk4``, ``euler``, ...): the
+    RNODE-style setting, where the cost of a solve is set by the step rather than a tolerance.
+
+    ``step_size``: time units, > 0. The solve takes ``ceil((t[-1] - t[0]) / step_size)`` steps
+    (torchdiffeq's grid: the last step is shortened to end at ``t[-1]``). Refused by adaptive methods.
+    """
+
+    def __init__(self, step_size: float) -> None:
+        super().__init__()
+        _validate_step_size(step_size)
+        self.step_size = float(step_size)
+
+    def forward(self, context: torch.Tensor, progress: Progress) -> ToleranceChoice:
+        return ToleranceChoice(None, None, step_size=self.step_size)
+
+    def extra_repr(self) -> str:
+        return f"step_size={self.step_size:g}"
 
 
 class ScheduledTolerance(TolerancePolicy):

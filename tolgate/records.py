@@ -34,6 +34,39 @@ class SolveStatus(enum.Enum):
     #: any other exception raised while solving (inside torchdiffeq, say)
     FAILED = "failed"
 
+    @property
+    def code(self) -> int:
+        """The integer code of this status in per-sample status tensors (``PerSampleStats.status``)."""
+        return _CODES[self]
+
+    def __int__(self) -> int:
+        return _CODES[self]
+
+    @classmethod
+    def from_code(cls, code: int) -> SolveStatus:
+        """The status whose :attr:`code` is ``code``; ``ValueError`` for an unknown code."""
+        if not 0 <= code < len(_BY_CODE):
+            raise ValueError(f"status code must be in [0, {len(_BY_CODE)}), got {code}")
+        return _BY_CODE[code]
+
+
+# One enum for both backends. A solve's record holds the member; the per-sample backend stores
+# each sample's status in an int64 tensor, as these codes (the first four are the ones a sample
+# can end with, so a per-sample status tensor counts with ``bincount(minlength=4)``).
+_BY_CODE = (
+    SolveStatus.SUCCESS,
+    SolveStatus.STEP_BUDGET_EXCEEDED,
+    SolveStatus.STEP_SIZE_UNDERFLOW,
+    SolveStatus.NON_FINITE,
+    SolveStatus.FIELD_ERROR,
+    SolveStatus.INTERRUPTED,
+    SolveStatus.FAILED,
+    SolveStatus.RUNNING,
+)
+_CODES = {status: code for code, status in enumerate(_BY_CODE)}
+#: the statuses a sample of a per-sample solve can end with
+SAMPLE_STATUSES = _BY_CODE[:4]
+
 
 @dataclass
 class SolveRecord:
@@ -41,7 +74,11 @@ class SolveRecord:
 
     Attributes:
         rtol, atol: the tolerances the solve used: a float, or a detached tensor of shape
-            ``(batch,)`` for per-sample tolerances.
+            ``(batch,)`` for per-sample tolerances; ``None`` where no tolerance applied (a
+            fixed-grid method: ``euler``, ``rk4``, ``explicit_adams``, ...).
+        step_size: the fixed-grid step size (time units) the solve used, from the policy's
+            choice or ``options["step_size"]``; ``None`` for adaptive methods and for a
+            fixed-grid solve on the grid of ``t``.
         log10_tolerance: ``log10(rtol)`` as drawn by the policy (detached; shape ``()`` or
             ``(batch,)``), or ``None`` for policies that do not work in log space.
         log_prob: log-probability of the drawn tolerance under the policy, shape ``()`` or
@@ -74,8 +111,9 @@ class SolveRecord:
 
     method: str
     adjoint: bool
-    rtol: Tolerance
-    atol: Tolerance
+    rtol: Tolerance | None
+    atol: Tolerance | None
+    step_size: float | None = None
     log10_tolerance: torch.Tensor | None = None
     log_prob: torch.Tensor | None = None
     nfe_forward: int = 0

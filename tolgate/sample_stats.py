@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import torch
 
+from .records import SAMPLE_STATUSES, SolveStatus
 
-class SampleStatus(enum.IntEnum):
-    """How one sample's solve ended; stored as these integer codes in ``PerSampleStats.status``.
-
-    Names match :class:`tolgate.records.SolveStatus` (``SolveStatus[SampleStatus(c).name]``).
-    """
-
-    SUCCESS = 0
-    STEP_BUDGET_EXCEEDED = 1
-    STEP_SIZE_UNDERFLOW = 2
-    NON_FINITE = 3
+#: Deprecated alias: per-sample statuses are :class:`~tolgate.records.SolveStatus` members, stored
+#: in status tensors as their integer codes (``int(status)``, ``SolveStatus.from_code(code)``).
+SampleStatus = SolveStatus
 
 
 @dataclass(frozen=True)
@@ -33,7 +26,7 @@ class PerSampleStats:
             initial step), or 0 for a sample whose ``y0`` was not finite.
         n_accepted, n_rejected: steps accepted and rejected by the error test (int64). A step
             whose error estimate is NaN or inf counts as rejected.
-        status: :class:`SampleStatus` codes (int64).
+        status: :class:`~tolgate.records.SolveStatus` codes (int64, ``int(status)``).
         t_reached: the time the sample's solve ended at: ``t[-1]`` on success, else the last
             accepted time (where it is frozen). Same dtype as the solver's time.
     """
@@ -58,13 +51,13 @@ class PerSampleStats:
     @property
     def succeeded(self) -> torch.Tensor:
         """Boolean mask ``(batch,)`` of samples that reached ``t[-1]``."""
-        return self.status == SampleStatus.SUCCESS
+        return self.status == SolveStatus.SUCCESS.code
 
-    def status_of(self, sample: int) -> SampleStatus:
+    def status_of(self, sample: int) -> SolveStatus:
         """The status of sample ``sample`` as an enum member."""
-        return SampleStatus(int(self.status[sample]))
+        return SolveStatus.from_code(int(self.status[sample]))
 
-    def status_counts(self) -> dict[SampleStatus, int]:
-        """How many samples ended with each status (all statuses listed, zeros included)."""
-        counts = torch.bincount(self.status.cpu(), minlength=len(SampleStatus)).tolist()
-        return {status: counts[status.value] for status in SampleStatus}
+    def status_counts(self) -> dict[SolveStatus, int]:
+        """How many samples ended with each status a sample can end with (zeros included)."""
+        counts = torch.bincount(self.status.cpu(), minlength=len(SAMPLE_STATUSES)).tolist()
+        return {status: counts[status.code] for status in SAMPLE_STATUSES}

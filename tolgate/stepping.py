@@ -49,7 +49,8 @@ import torch
 
 from .checks import LOW_PRECISION_DTYPES, control_dtype
 from .errors import NonFiniteStateError, SolveError, StepBudgetExceeded, StepSizeUnderflow
-from .sample_stats import PerSampleStats, SampleStatus
+from .records import SolveStatus
+from .sample_stats import PerSampleStats
 from .tableaux import ButcherTableau
 
 #: ``field(t: (active,), y: (active, *state), idx: (active,) int64) -> (active, *state)``
@@ -109,7 +110,7 @@ class _Results:
         self.attempts = torch.zeros(batch, dtype=torch.int64, device=device)
         self.accepted = torch.zeros(batch, dtype=torch.int64, device=device)
         self.started = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.status = torch.full((batch,), int(SampleStatus.SUCCESS), dtype=torch.int64, device=device)
+        self.status = torch.full((batch,), int(SolveStatus.SUCCESS), dtype=torch.int64, device=device)
         self.t_reached = torch.zeros(batch, dtype=time_dtype, device=device)
         self.crossings: list[_Crossing] = []
 
@@ -248,17 +249,17 @@ def _status_codes(done: torch.Tensor, underflow: torch.Tensor, error_sq: torch.T
     finite, or not finite; otherwise (neither) its step budget ran out."""
     failure = torch.where(
         underflow,
-        torch.where(torch.isinf(error_sq), int(SampleStatus.NON_FINITE), int(SampleStatus.STEP_SIZE_UNDERFLOW)),
-        int(SampleStatus.STEP_BUDGET_EXCEEDED),
+        torch.where(torch.isinf(error_sq), int(SolveStatus.NON_FINITE), int(SolveStatus.STEP_SIZE_UNDERFLOW)),
+        int(SolveStatus.STEP_BUDGET_EXCEEDED),
     )
-    return torch.where(done, int(SampleStatus.SUCCESS), failure)
+    return torch.where(done, int(SolveStatus.SUCCESS), failure)
 
 
 def _failure(code: int, sample: int, t_reached: float, t: torch.Tensor, max_num_steps: int | None) -> SolveError:
     where = f"sample {sample} at t={t_reached:.6g} (solving from t={float(t[0]):.6g} to {float(t[-1]):.6g})"
-    if code == SampleStatus.STEP_BUDGET_EXCEEDED:
+    if code == int(SolveStatus.STEP_BUDGET_EXCEEDED):
         return StepBudgetExceeded(f"step budget max_num_steps={max_num_steps} exceeded by {where}")
-    if code == SampleStatus.STEP_SIZE_UNDERFLOW:
+    if code == int(SolveStatus.STEP_SIZE_UNDERFLOW):
         return StepSizeUnderflow(f"step size fell below 10 ulps of t for {where}")
     return NonFiniteStateError(f"NaN or inf state (initial, or from the vector field) for {where}")
 
@@ -307,8 +308,8 @@ def integrate(
     if start.shape[0] < batch:
         if raise_on_failure:
             first_bad = int(torch.nonzero(~finite)[0])
-            raise _failure(SampleStatus.NON_FINITE, first_bad, direction * t_start, t, max_num_steps)
-        results.status[~finite] = int(SampleStatus.NON_FINITE)
+            raise _failure(int(SolveStatus.NON_FINITE), first_bad, direction * t_start, t, max_num_steps)
+        results.status[~finite] = int(SolveStatus.NON_FINITE)
         results.t_reached[~finite] = t_start
         if start.shape[0] == 0:
             return results.solution(times, dense), results.stats(tableau, direction)
@@ -405,8 +406,8 @@ def integrate(
             leaving = torch.nonzero(finished).squeeze(1)
             codes = _status_codes(done, underflow, error_sq).index_select(0, leaving)
             final = rows.y.index_select(0, leaving).detach().abs().reshape(leaving.shape[0], -1).amax(1)
-            codes = torch.where(torch.isfinite(final), codes, int(SampleStatus.NON_FINITE))
-            failed = codes != SampleStatus.SUCCESS
+            codes = torch.where(torch.isfinite(final), codes, int(SolveStatus.NON_FINITE))
+            failed = codes != int(SolveStatus.SUCCESS)
             if raise_on_failure and bool(failed.any()):
                 bad = torch.nonzero(failed).squeeze(1)  # positions in `leaving`
                 pos = int(bad[torch.argmin(rows.idx[leaving[bad]])])  # the lowest sample index

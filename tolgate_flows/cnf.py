@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from tolgate import GatedSolver, PerSampleData, from_torchdiffeq
+from tolgate import GatedSolver, PerSampleData
 
 Divergence = Literal["hutchinson", "exact"]
 Noise = Literal["rademacher", "gaussian"]
@@ -55,10 +55,13 @@ class _AugmentedDynamics(nn.Module):
     A fresh instance per solve, so the adjoint solve (run later by autograd) sees the same
     noise even if the block has been called again in between.
 
-    Under the per-sample backend (``GatedSolver(backend="tolgate")``) it is called as
-    ``(t (active,), state, idx (active,))`` on the rows still integrating: the noise follows
-    its sample through ``noise[idx]`` and each row sees its own time.
+    An index-aware field (``takes_sample_index``): every backend calls it as ``(t, state, idx)``.
+    Under torchdiffeq ``t`` is a scalar and ``idx`` every row; under the per-sample backend
+    (``GatedSolver(backend="per_sample")``) ``t`` is ``(active,)`` and ``idx`` the rows still
+    integrating: the noise follows its sample through ``noise[idx]`` and each row sees its own time.
     """
+
+    takes_sample_index = True
 
     def __init__(self, odefunc: nn.Module, divergence: Divergence, noise: torch.Tensor | None) -> None:
         super().__init__()
@@ -67,11 +70,11 @@ class _AugmentedDynamics(nn.Module):
         self.noise = None if noise is None else PerSampleData(noise)
 
     def forward(
-        self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor | None = None
+        self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         z = state[0]
-        noise = None if self.noise is None else self.noise.data if idx is None else self.noise[idx]
-        if idx is not None:
+        noise = None if self.noise is None else self.noise[idx]
+        if t.dim():
             t = per_row_time(t, z)
         # The trace needs autograd even where the caller disabled it (evaluation, the forward
         # pass of the adjoint method); the graph is kept only when the caller will backpropagate.
@@ -156,8 +159,7 @@ class CNFBlock(nn.Module):
         """Flow ``z`` ``(batch, *state)`` through the block without the log-density (no trace):
         half the cost, for decoding and sampling. Same solver, so the solve is recorded."""
         times = torch.tensor([1.0, 0.0] if reverse else [0.0, 1.0], dtype=z.dtype, device=z.device)
-        field = self.odefunc if self.solver.backend == "torchdiffeq" else from_torchdiffeq(self.odefunc)
-        return self.solver(field, z, times, context=z)[-1]
+        return self.solver(self.odefunc, z, times, context=z)[-1]
 
     def _draw_noise(self, z: torch.Tensor) -> torch.Tensor:
         if self.noise == "rademacher":
