@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import textwrap
+import types
 import typing
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -174,7 +175,8 @@ def field_arguments(name: str) -> dict[str, Any]:
     """``add_argument`` keywords of the field ``name``, from its type and :data:`CHOICES`. Every flag
     defaults to ``None`` (left out), so a run can tell a given value from a default."""
     hint = typing.get_type_hints(TrainConfig)[name]
-    base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    base = [a for a in typing.get_args(hint) if a is not type(None)] if optional else [hint]
     kind = base[0] if len(base) == 1 else hint
     if kind is bool:
         return {"action": "store_true", "default": None}
