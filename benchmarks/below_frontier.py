@@ -168,7 +168,7 @@ def plot(results: list[dict], path: Path) -> None:
             "-",
             color="gray",
             alpha=0.6,
-            label=label("fixed tolerance (1e-8 ... 1e-1)"),
+            label=label("fixed tolerance (1e-7 ... 1e-1)"),
         )
         ax.loglog(
             [r["learned"]["nfe"]],
