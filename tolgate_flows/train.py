@@ -152,6 +152,11 @@ class TrainConfig:
         _check_rates(self)
         _check_combinations(self)
 
+    @property
+    def per_sample(self) -> bool:
+        """Does the run use the per-sample backend (``"per_sample"``, or its old name ``"tolgate"``)?"""
+        return self.backend in ("per_sample", "tolgate")
+
     def tolerance_config(self) -> ToleranceConfig:
         """The tolerance side of the run; probes use the evaluation tolerance as their reference."""
         return ToleranceConfig(
@@ -160,7 +165,7 @@ class TrainConfig:
             schedule_end_tol=self.schedule_end_tol,
             epochs=self.epochs,
             gate_mean_log10=self.gate_mean_log10,
-            per_sample=self.backend == "tolgate",
+            per_sample=self.per_sample,
             estimator=self.estimator,
             alpha=self.alpha,
             baseline_momentum=self.baseline_momentum,
@@ -204,7 +209,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def _check_choices(config: TrainConfig) -> None:
-    methods = PER_SAMPLE_METHODS if config.backend == "tolgate" else ADAPTIVE_METHODS
+    methods = PER_SAMPLE_METHODS if config.per_sample else ADAPTIVE_METHODS
     for name, choices in (*CHOICES.items(), ("method", methods)):
         if getattr(config, name) not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(config, name)!r}")
@@ -282,8 +287,8 @@ def _check_tolerances(config: TrainConfig) -> None:
 def _check_combinations(config: TrainConfig) -> None:
     if config.seminorm and not config.adjoint:
         raise ValueError("seminorm applies to the adjoint solve: set adjoint as well")
-    if config.backend == "tolgate" and config.adjoint:
-        raise ValueError("backend 'tolgate' has no adjoint: drop adjoint (it backpropagates through the solver)")
+    if config.per_sample and config.adjoint:
+        raise ValueError("the per-sample backend has no adjoint: drop adjoint (it backpropagates through the solver)")
     try:
         torch.device(config.device)
     except RuntimeError as exc:
@@ -889,7 +894,7 @@ class Trainer:
             # Per-sample tolerances are credited with each sample's own objective and NFE.
             reward_loss = (
                 per_sample_objective(model, output, y, config.beta, self.dataset.levels)
-                if config.backend == "tolgate"
+                if config.per_sample
                 else loss.detach()
             )
             self.learner.backward(loss, records, reward_loss)
