@@ -183,6 +183,7 @@ class GateProbeReport:
     nfe_reference: torch.Tensor  # (solves,) at the reference tolerance
     error: torch.Tensor  # (draws,) solver error of the objective against the reference
     budget: float  # fraction * minibatch noise
+    penalty: float  # the multiplier after this call
     rewards: torch.Tensor  # (draws, solves)
     probe_nfe_forward: int  # every evaluation the probes made (reference and draws)
     rows: int  # samples per probe
@@ -205,6 +206,14 @@ class ProbedGateEstimator:
     from the return. The score-function surrogate uses the leave-one-out baseline over the draws
     (:func:`tolgate.reinforce.leave_one_out_loss`), which is unbiased and needs no running state.
 
+    ``penalty`` is a Lagrange multiplier of the constraint ``E[err] <= budget`` when
+    ``multiplier_lr > 0``: after every call it takes a dual-ascent step
+    ``penalty <- clip(penalty + multiplier_lr * (mean_k err_k / budget - 1), 0, max_penalty)``, so
+    it grows while the draws break the budget and decays to 0 while they keep well inside it, where
+    the return is the NFE alone. A fixed penalty (``multiplier_lr = 0``) keeps the mean on the safe
+    side of the budget's edge by a margin set by the exploration spread (the hinge is convex);
+    the multiplier lets the mean settle at the edge.
+
     Draws are ``N(mu, exploration_std^2)`` in ``log10`` units around each gate's mean (``None``:
     the gate's own sigma). The gate acts at its mean, so the spread is only the smoothing width of
     the gradient estimate; a learned one collapses, because the NFE is a step function of the
@@ -218,6 +227,8 @@ class ProbedGateEstimator:
         fraction: float = 0.1,
         penalty: float = 1.0,
         exploration_std: float | None = 0.3,
+        multiplier_lr: float = 0.0,
+        max_penalty: float = 100.0,
     ) -> None:
         if exploration_std is not None and not (math.isfinite(exploration_std) and exploration_std > 0):
             raise ValueError(f"exploration_std must be finite and > 0 (decades) or None, got {exploration_std!r}")
@@ -229,12 +240,16 @@ class ProbedGateEstimator:
         if not (math.isfinite(penalty) and penalty >= 0):
             raise ValueError(f"penalty must be finite and >= 0, got {penalty!r}")
         self.draws, self.reference_tol, self.fraction, self.penalty = draws, reference_tol, fraction, penalty
-        self.exploration_std = exploration_std
+        for value, name in ((multiplier_lr, "multiplier_lr"), (max_penalty, "max_penalty")):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+        self.exploration_std, self.multiplier_lr, self.max_penalty = exploration_std, multiplier_lr, max_penalty
 
     def loss(
         self, module: nn.Module, objective: Objective, noise_seed: int, batch_size: int
     ) -> tuple[torch.Tensor, GateProbeReport]:
-        """The surrogate (shape ``()``, gradient only in the gates) and what the probes measured.
+        """The surrogate (shape ``()``, gradient only in the gates) and what the probes measured;
+        with ``multiplier_lr > 0`` also one dual step of ``penalty``.
 
         ``noise_seed`` seeds the probes' Hutchinson noise and, derived from it, each draw's gate
         generator; ``batch_size`` is the training minibatch size."""
@@ -247,6 +262,9 @@ class ProbedGateEstimator:
         over_budget = (error / budget - 1.0).clamp(min=0.0) if budget > 0 else (error > 0).to(torch.float64)
         rewards = -nfe / nfe_reference - self.penalty * over_budget[:, None]
         surrogate = self._surrogate(probes, rewards)
+        if self.multiplier_lr > 0 and budget > 0:  # dual ascent on E[err] <= budget
+            step = self.multiplier_lr * (float((error / budget).mean()) - 1.0)
+            self.penalty = min(max(self.penalty + step, 0.0), self.max_penalty)
         report = GateProbeReport(
             log10_tolerance=torch.tensor([[_mean_log10(r) for r in p.records] for p in probes], dtype=torch.float64),
             nfe_forward=nfe,
@@ -254,6 +272,7 @@ class ProbedGateEstimator:
             error=error,
             budget=budget,
             rewards=rewards,
+            penalty=self.penalty,
             probe_nfe_forward=reference.nfe_forward + sum(p.nfe_forward for p in probes),
             rows=int(reference.objective.numel()),
         )

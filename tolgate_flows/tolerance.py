@@ -56,7 +56,9 @@ class ToleranceConfig:
     ``alpha``, ``baseline_momentum``, ``reward_loss_weight``, ``reward_backward_nfe``: the paper
     estimator's Eq. 6-7 settings. ``probe_*``, ``budget_fraction``, ``penalty``: the probe
     estimator's and the adaptive policy's; ``reference_tol`` is their tight reference solve;
-    ``exploration_std`` the probe estimator's spread of draws around each gate's mean (decades).
+    ``exploration_std`` the probe estimator's spread of draws around each gate's mean (decades);
+    ``penalty`` the initial Lagrange multiplier of its solver-error budget and ``multiplier_lr``
+    the multiplier's dual-ascent step (0: a fixed penalty).
     """
 
     mode: str = "fixed"
@@ -75,6 +77,7 @@ class ToleranceConfig:
     probe_draws: int = 4
     budget_fraction: float = 0.1
     penalty: float = 1.0
+    multiplier_lr: float = 0.0
     exploration_std: float = 0.3
     reference_tol: float = 1e-5
     adaptive_step: float = 0.5
@@ -101,7 +104,7 @@ class ToleranceConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-        for name in ("alpha", "penalty"):
+        for name in ("alpha", "penalty", "multiplier_lr"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
@@ -178,6 +181,7 @@ class ToleranceLearner:
             fraction=config.budget_fraction,
             penalty=config.penalty,
             exploration_std=config.exploration_std,
+            multiplier_lr=config.multiplier_lr,
         )
 
     @property
@@ -222,7 +226,8 @@ class ToleranceLearner:
         return ProbeCost(nfe, rows, nfe * rows / batch_size, error, budget, tolerance)
 
     def state_dict(self) -> dict:
-        return {"baseline": self.baseline.state_dict()}
+        return {"baseline": self.baseline.state_dict(), "penalty": self.estimator.penalty}
 
     def load_state_dict(self, state: dict) -> None:
         self.baseline.load_state_dict(state["baseline"])
+        self.estimator.penalty = float(state.get("penalty", self.config.penalty))

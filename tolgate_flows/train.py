@@ -114,6 +114,7 @@ class TrainConfig:
     probe_draws: int = 4
     budget_fraction: float = 0.1
     penalty: float = 1.0
+    multiplier_lr: float = 0.0
     adaptive_step: float = 0.5
     seed: int = 0
     device: str = "cpu"
@@ -176,6 +177,7 @@ class TrainConfig:
             probe_draws=self.probe_draws,
             budget_fraction=self.budget_fraction,
             penalty=self.penalty,
+            multiplier_lr=self.multiplier_lr,
             reference_tol=self.eval_tol,
             adaptive_step=self.adaptive_step,
         )
