@@ -42,8 +42,10 @@ def fake_cifar(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """name -> (pixels (N, 3072) uint8, labels (N,) int64) for the five training and the test batch."""
     rng = np.random.default_rng(seed)
     return {
-        name: (rng.integers(0, 256, size=(PER_BATCH, 3072), dtype=np.uint8),
-               rng.integers(0, 10, size=PER_BATCH).astype(np.int64))
+        name: (
+            rng.integers(0, 256, size=(PER_BATCH, 3072), dtype=np.uint8),
+            rng.integers(0, 10, size=PER_BATCH).astype(np.int64),
+        )
         for name in [*CIFAR_TRAIN_NAMES, "test_batch"]
     }
 
@@ -57,14 +59,16 @@ def write_cifar_binary(folder: Path, batches: dict[str, tuple[np.ndarray, np.nda
     return target
 
 
-def write_cifar_python(
-    folder: Path, batches: dict[str, tuple[np.ndarray, np.ndarray]], protocol: int
-) -> Path:
+def write_cifar_python(folder: Path, batches: dict[str, tuple[np.ndarray, np.ndarray]], protocol: int) -> Path:
     target = folder / "cifar-10-batches-py"
     target.mkdir(parents=True)
     for name, (pixels, labels) in batches.items():
-        content = {b"batch_label": name.encode(), b"labels": labels.tolist(), b"data": pixels,
-                   b"filenames": [f"img_{i}.png".encode() for i in range(len(labels))]}
+        content = {
+            b"batch_label": name.encode(),
+            b"labels": labels.tolist(),
+            b"data": pixels,
+            b"filenames": [f"img_{i}.png".encode() for i in range(len(labels))],
+        }
         with open(target / name, "wb") as handle:
             pickle.dump(content, handle, protocol=protocol)
     return target
@@ -224,8 +228,9 @@ def test_mnist_idx_files_read_back_exactly(tmp_path: Path, gz: bool) -> None:
     train, test, _ = load_mnist(tmp_path)
     for split, actual in (("train", train), ("test", test)):
         images, labels = content[split]
-        assert_same_split(actual, ImageSplit(torch.from_numpy(images).unsqueeze(1),
-                                             torch.from_numpy(labels.astype(np.int64))))
+        assert_same_split(
+            actual, ImageSplit(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+        )
     data = load_dataset("mnist", tmp_path, val_fraction=0.25)
     assert (len(data.train), len(data.val), len(data.test)) == (9, 3, 5)
     assert data.image_shape == (1, 28, 28) and not data.flip_symmetric
@@ -289,8 +294,9 @@ def test_digits_split_is_fixed_and_a_partition(digits) -> None:
     assert (len(digits.train), len(digits.val), len(digits.test)) == (1294, 144, 359)
     assert digits.levels == 17 and digits.image_shape == (1, 8, 8) and not digits.flip_symmetric
     bunch = load_digits()
-    original = ImageSplit(torch.from_numpy(bunch.images.astype(np.uint8)).unsqueeze(1),
-                          torch.from_numpy(bunch.target.astype(np.int64)))
+    original = ImageSplit(
+        torch.from_numpy(bunch.images.astype(np.uint8)).unsqueeze(1), torch.from_numpy(bunch.target.astype(np.int64))
+    )
     # As multisets, train + val + test is the whole set: the three splits partition it.
     assert sorted(rows(digits.train) + rows(digits.val) + rows(digits.test)) == sorted(rows(original))
     again = load_dataset("digits")
@@ -409,15 +415,13 @@ def test_spiral_formulas_against_hand_computed_points(spirals) -> None:
     # Clockwise, a = 1, b = 0.25, t = 2: theta = 6 pi + 1 - 2, R = 1 + 0.25 * 50 / theta.
     theta = 6 * math.pi - 1
     radius = 1 + 12.5 / theta
-    clockwise = spiral_points(np.array([[2.0]]), np.array([1.0]), np.array([0.25]), np.array([CLOCKWISE]),
-                              t_max)
+    clockwise = spiral_points(np.array([[2.0]]), np.array([1.0]), np.array([0.25]), np.array([CLOCKWISE]), t_max)
     assert np.allclose(clockwise[0, 0], [radius * math.cos(theta) - 5, radius * math.sin(theta)])
     # theta = -1 (mod 2 pi), so the point is (R cos 1 - 5, -R sin 1) = (-4.08132, -1.43075).
     assert np.allclose(clockwise[0, 0], [radius * math.cos(1.0) - 5, -radius * math.sin(1.0)])
     assert np.allclose(clockwise[0, 0], [-4.08132, -1.43075], atol=1e-5)
     # Counter-clockwise, a = 1.1, b = 0.2, t = 3: R = 1.1 + 0.6 = 1.7.
-    ccw = spiral_points(np.array([[3.0]]), np.array([1.1]), np.array([0.2]), np.array([COUNTER_CLOCKWISE]),
-                        t_max)
+    ccw = spiral_points(np.array([[3.0]]), np.array([1.1]), np.array([0.2]), np.array([COUNTER_CLOCKWISE]), t_max)
     assert np.allclose(ccw[0, 0], [1.7 * math.cos(3.0) + 5, 1.7 * math.sin(3.0)])
     # The generated windows follow the same formulas at their own times.
     for i in (0, 1, 2, 3):
@@ -427,8 +431,7 @@ def test_spiral_formulas_against_hand_computed_points(spirals) -> None:
             angle = t_max + 1 - t if d == CLOCKWISE else t
             r = a + b * 50 / angle if d == CLOCKWISE else a + b * angle
             centre = -5 if d == CLOCKWISE else 5
-            assert torch.allclose(target, torch.tensor([r * math.cos(angle) + centre, r * math.sin(angle)]),
-                                  atol=1e-4)
+            assert torch.allclose(target, torch.tensor([r * math.cos(angle) + centre, r * math.sin(angle)]), atol=1e-4)
 
 
 def test_clockwise_spirals_turn_clockwise(spirals) -> None:
@@ -452,8 +455,10 @@ def test_mixture_density_integrates_to_one_and_matches_its_formula() -> None:
     total, _ = integrate.quad(density, -np.inf, np.inf, points=None, limit=200)
     assert abs(total - 1.0) < 1e-8
     x = 0.7
-    by_hand = sum(w * math.exp(-0.5 * ((x - m) / s) ** 2) / (s * math.sqrt(2 * math.pi))
-                  for w, m, s in zip((0.3, 0.4, 0.3), (-2.0, 0.0, 2.5), (0.5, 0.4, 0.6), strict=True))
+    by_hand = sum(
+        w * math.exp(-0.5 * ((x - m) / s) ** 2) / (s * math.sqrt(2 * math.pi))
+        for w, m, s in zip((0.3, 0.4, 0.3), (-2.0, 0.0, 2.5), (0.5, 0.4, 0.6), strict=True)
+    )
     assert math.isclose(density(x), by_hand, rel_tol=1e-12)
 
 

@@ -60,9 +60,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert straight == resumed
 
 
-@pytest.mark.parametrize(
-    "extra", [[], ["--reward-backward-nfe"]], ids=["ddp-hooks", "two-backward-explicit-allreduce"]
-)
+@pytest.mark.parametrize("extra", [[], ["--reward-backward-nfe"]], ids=["ddp-hooks", "two-backward-explicit-allreduce"])
 def test_two_process_ddp_reports_aggregated_nfe(tmp_path, extra):
     out = tmp_path / "ddp"
     port = "29531" if not extra else "29532"
