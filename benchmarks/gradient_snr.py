@@ -68,7 +68,7 @@ from tolgate import (
     use_policies,
 )
 from tolgate_flows.data import derived_seed
-from tolgate_flows.testbed import TestbedConfig, batch_at, build, mean_log10_tolerance, train_step
+from tolgate_flows.testbed import TestbedConfig, batch_at, build, train_step
 from tolgate_flows.tolerance import ToleranceConfig, ToleranceLearner
 from tolgate_flows.vector_flows import VectorFlow
 
@@ -248,7 +248,7 @@ def paper_estimate(
         nfe_forward=sum(r.nfe_forward for r in records),
         rows=x.shape[0],
         seconds=seconds,
-        log10_tolerance=[mean_log10_tolerance(r) for r in records],
+        log10_tolerance=[r.mean_log10_tolerance for r in records],
         extra={"task_loss": float(task_loss.detach())},
     )
 

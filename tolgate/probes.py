@@ -266,7 +266,9 @@ class ProbedGateEstimator:
             step = self.multiplier_lr * (float((error / budget).mean()) - 1.0)
             self.penalty = min(max(self.penalty + step, 0.0), self.max_penalty)
         report = GateProbeReport(
-            log10_tolerance=torch.tensor([[_mean_log10(r) for r in p.records] for p in probes], dtype=torch.float64),
+            log10_tolerance=torch.tensor(
+                [[r.mean_log10_tolerance for r in p.records] for p in probes], dtype=torch.float64
+            ),
             nfe_forward=nfe,
             nfe_reference=nfe_reference,
             error=error,
@@ -292,10 +294,3 @@ class ProbedGateEstimator:
             return torch.zeros((), dtype=torch.float64)
         log_probs = torch.stack([torch.stack([p.records[i].log_prob.mean() for i in learned]) for p in probes])
         return leave_one_out_loss(log_probs, rewards[:, learned].to(log_probs.dtype))
-
-
-def _mean_log10(record: SolveRecord) -> float:
-    if record.log10_tolerance is not None:
-        return float(record.log10_tolerance.double().mean())
-    rtol = record.rtol
-    return math.log10(float(rtol.double().mean()) if isinstance(rtol, torch.Tensor) else rtol)

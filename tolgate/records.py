@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,6 +141,18 @@ class SolveRecord:
                 state[name] = value.detach()
         state["extra"] = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in self.extra.items()}
         return state
+
+    @property
+    def mean_log10_tolerance(self) -> float | None:
+        """``log10`` of the solve's ``rtol`` (the mean over samples of per-sample tolerances), or
+        ``None`` where no tolerance applied (fixed-grid methods)."""
+        if self.log10_tolerance is not None:
+            return float(self.log10_tolerance.double().mean())
+        if self.rtol is None:
+            return None
+        if isinstance(self.rtol, torch.Tensor):
+            return float(self.rtol.double().log10().mean())
+        return math.log10(self.rtol)
 
     @property
     def nfe_total(self) -> int:

@@ -46,7 +46,6 @@ from tolgate import (
     FixedTolerance,
     GaussianGate,
     MLPGate,
-    SolveRecord,
     TolerancePolicy,
     collect_records,
     gated_solvers,
@@ -222,19 +221,11 @@ def train_step(
         nfe_forward=sum(r.nfe_forward for r in records),
         nfe_backward=sum(r.nfe_backward for r in records),
         probe_nfe_equivalent=cost.nfe_equivalent,
-        log10_tolerance=[mean_log10_tolerance(r) for r in records],
+        log10_tolerance=[r.mean_log10_tolerance for r in records],
         nll=float(-out.log_px.detach().mean()),
         cross_entropy=cross_entropy,
         seconds=time.perf_counter() - start,
     )
-
-
-def mean_log10_tolerance(record: SolveRecord) -> float:
-    """``log10`` of the solve's ``rtol`` (the mean over samples for per-sample tolerances)."""
-    if record.log10_tolerance is not None:
-        return float(record.log10_tolerance.double().mean())
-    rtol = record.rtol
-    return math.log10(float(rtol.double().mean()) if isinstance(rtol, torch.Tensor) else rtol)
 
 
 @dataclass

@@ -1030,11 +1030,9 @@ def mean_sample_nfe(record) -> float:
 
 
 def _mean_tol(records) -> float:
-    logs = []
-    for r in records:
-        tol = r.rtol
-        logs.append(math.log10(float(tol.double().mean())) if isinstance(tol, torch.Tensor) else math.log10(tol))
-    return 10.0 ** (sum(logs) / len(logs))
+    """Geometric mean of the step's tolerances (for the progress bar); nan where none applied."""
+    logs = [r.mean_log10_tolerance for r in records if r.mean_log10_tolerance is not None]
+    return 10.0 ** (sum(logs) / len(logs)) if logs else math.nan
 
 
 def local_rng_state(device: torch.device) -> torch.Tensor:
