@@ -44,7 +44,6 @@ import torch.nn.functional as F
 
 from tolgate import (
     FixedTolerance,
-    GaussianGate,
     MLPGate,
     TolerancePolicy,
     collect_records,
@@ -55,7 +54,7 @@ from tolgate import (
 
 from .data import ToyData, derived_seed, toy_data
 from .models import ModelKind
-from .tolerance import ToleranceConfig, ToleranceLearner, policy_factory
+from .tolerance import ToleranceConfig, ToleranceLearner, make_optimizer, policy_factory
 from .vector_flows import VectorFlow, VectorFlowConfig, build_vector_flow, density_integral
 
 _BATCH_STREAM = 1
@@ -176,17 +175,6 @@ def build(config: TestbedConfig) -> VectorFlow:
     factory = policy_factory(config.tolerance, gate_net=lambda size: MLPGate(size))
     model = build_vector_flow(config.model_config(), factory, eval_policy=FixedTolerance(config.eval_tol))
     return model.to(config.dtype)
-
-
-def make_optimizer(model: VectorFlow, lr: float, gate_lr: float) -> torch.optim.Adam:
-    """Adam over the trainable parameters; the gates in their own group at ``gate_lr``."""
-    gate_ids = {id(p) for m in model.modules() if isinstance(m, GaussianGate) for p in m.parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if id(p) not in gate_ids], "lr": lr}]
-    gates = [p for p in trainable if id(p) in gate_ids]
-    if gates:
-        groups.append({"params": gates, "lr": gate_lr})
-    return torch.optim.Adam(groups)
 
 
 def train_step(

@@ -231,3 +231,15 @@ class ToleranceLearner:
     def load_state_dict(self, state: dict) -> None:
         self.baseline.load_state_dict(state["baseline"])
         self.estimator.penalty = float(state.get("penalty", self.config.penalty))
+
+
+def make_optimizer(model: nn.Module, lr: float, gate_lr: float) -> torch.optim.Adam:
+    """Adam over the trainable parameters; the gates' in their own group at ``gate_lr``: the
+    policy's step size is a separate choice from the flow's (its signal is much noisier)."""
+    gate_ids = {id(p) for m in model.modules() if isinstance(m, GaussianGate) for p in m.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in gate_ids], "lr": lr}]
+    gates = [p for p in trainable if id(p) in gate_ids]
+    if gates:
+        groups.append({"params": gates, "lr": gate_lr})
+    return torch.optim.Adam(groups)

@@ -47,7 +47,6 @@ from tqdm import tqdm
 from tolgate import (
     ConvGate,
     FixedTolerance,
-    GaussianGate,
     SolveError,
     collect_records,
     gated_solvers,
@@ -73,7 +72,14 @@ from .conditioning import ZY_LOCATIONS
 from .data import DATASET_NAMES, ImageDataset, bits_per_dim, derived_seed, load_dataset, make_batches
 from .models import MODEL_KINDS, FlowModel, ModelConfig, build_model, set_divergence
 from .odefuncs import TIME_EMBEDDINGS
-from .tolerance import ESTIMATORS, TOLERANCE_MODES, ToleranceConfig, ToleranceLearner, policy_factory
+from .tolerance import (
+    ESTIMATORS,
+    TOLERANCE_MODES,
+    ToleranceConfig,
+    ToleranceLearner,
+    make_optimizer,
+    policy_factory,
+)
 
 # Step budget of every solve (attempted steps, accepted or rejected, per output interval). A dopri5
 # solve of these models takes a handful of steps (digits: 3-6 at 1e-5 and at 1e-8, ~5 per block
@@ -344,19 +350,6 @@ def gate_mean_from_run(run_dir: str | Path) -> list[float]:
     if not means or any(m is None for m in means):
         raise ValueError(f"{path}: the last epoch has no per-block tolerances (was it a learned run?)")
     return [float(m) for m in means]
-
-
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam; the gates get their own learning rate ``gate_lr`` (default ``lr``): the policy's
-    step size is a separate choice from the flow's (a REINFORCE signal is much noisier)."""
-    gate_ids = {id(p) for m in model.modules() if isinstance(m, GaussianGate) for p in m.parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    flow = [p for p in trainable if id(p) not in gate_ids]
-    gates = [p for p in trainable if id(p) in gate_ids]
-    groups = [{"params": flow, "lr": config.lr}]
-    if gates:
-        groups.append({"params": gates, "lr": config.gate_lr or config.lr})
-    return torch.optim.Adam(groups)
 
 
 def model_config(config: TrainConfig, image_shape: tuple[int, int, int], n_classes: int) -> ModelConfig:
@@ -696,7 +689,7 @@ class Trainer:
         self.model = build(config, self.dataset.image_shape, self.dataset.n_classes).to(self.device)
         self.solvers = list(gated_solvers(self.model))
         self.policies = [solver.policy for solver in self.solvers]
-        self.optimizer = make_optimizer(self.model, config)
+        self.optimizer = make_optimizer(self.model, config.lr, config.gate_lr or config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.learner = ToleranceLearner(config.tolerance_config(), seed=config.seed)
         self.epoch, self.batch, self.step, self.best = 0, 0, 0, None
