@@ -133,3 +133,38 @@ class LatentSplit:
         """Inverse of :meth:`split`."""
         start = self.zy_slice.start
         return torch.cat([z_u[:, :start], z_y, z_u[:, start:]], dim=1)
+
+
+class ConditionedLatent:
+    """The latent side shared by the image and vector flows (a mixin of their ``nn.Module``).
+
+    Needs ``latent_split``, ``prior``, ``classifier``, ``conditional`` and ``config.n_classes`` on
+    the model. ``z_u`` has a standard normal prior; for conditional kinds ``z_y`` has the class
+    prior and feeds the classifier. Outputs carry ``z``, ``log_px`` and ``log_det`` (nats).
+    """
+
+    def latent_log_prob(self, z: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(log p(z | y) (B,), logits (B, n_classes) or None)`` of the latent ``z`` ``(B, dims)``."""
+        z_y, z_u = self.latent_split.split(z)
+        log_pz = standard_normal_log_prob(z_u)
+        if not self.conditional:
+            return log_pz, None
+        return log_pz + self.prior.log_prob(z_y, y), self.classifier(z_y)
+
+    def log_px_all_classes(self, out) -> torch.Tensor:
+        """``log p(x | y = k)`` for every class, ``(B, n_classes)`` nats, from one forward's output.
+
+        The flow is shared by all classes, only the prior of ``z_y`` changes, so no re-solve.
+        For cnf every column is ``log p(x)``.
+        """
+        if not self.conditional:
+            return out.log_px[:, None].expand(-1, self.config.n_classes)
+        z_y, z_u = self.latent_split.split(out.z)
+        shared = standard_normal_log_prob(z_u) + out.log_det
+        return self.prior.log_prob_all_classes(z_y) + shared[:, None]
+
+    def marginal_log_px(self, out) -> torch.Tensor:
+        """``log sum_k p(x | k) p(k)``, uniform ``p(k) = 1/n_classes``: ``(B,)`` nats (cnf: ``log_px``)."""
+        if not self.conditional:
+            return out.log_px
+        return torch.logsumexp(self.log_px_all_classes(out), dim=1) - math.log(self.config.n_classes)

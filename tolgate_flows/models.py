@@ -31,10 +31,10 @@ from .cnf import DIVERGENCES, NOISES, CNFBlock, Divergence, Noise
 from .conditioning import (
     ZY_LOCATIONS,
     ClassConditionalGaussian,
+    ConditionedLatent,
     LatentClassifier,
     LatentSplit,
     ZyLocation,
-    standard_normal_log_prob,
 )
 from .data import bits_per_dim
 from .multiscale import ImageShape, MultiscaleFlow, default_n_scales
@@ -135,7 +135,7 @@ class LossParts:
     cross_entropy: torch.Tensor | None
 
 
-class FlowModel(nn.Module):
+class FlowModel(ConditionedLatent, nn.Module):
     """A multiscale CNF with an unconditional, CCNF or InfoCNF prior; build with :func:`build_model`."""
 
     def __init__(self, config: ModelConfig, flow: MultiscaleFlow) -> None:
@@ -168,31 +168,8 @@ class FlowModel(nn.Module):
         if self.conditional:
             self._check_labels(y, x.shape[0])
         z, log_det = self.encode(x)
-        z_y, z_u = self.latent_split.split(z)
-        log_pz = standard_normal_log_prob(z_u)
-        logits = None
-        if self.conditional:
-            log_pz = log_pz + self.prior.log_prob(z_y, y)
-            logits = self.classifier(z_y)
+        log_pz, logits = self.latent_log_prob(z, y)
         return FlowOutput(z=z, log_px=log_pz + log_det, log_det=log_det, logits=logits)
-
-    def log_px_all_classes(self, out: FlowOutput) -> torch.Tensor:
-        """``log p(x | y = k)`` for every class, ``(B, n_classes)`` nats, from one forward's output.
-
-        The flow is shared by all classes, only the prior of ``z_y`` changes, so no re-solve.
-        For cnf every column is ``log p(x)``.
-        """
-        if not self.conditional:
-            return out.log_px[:, None].expand(-1, self.config.n_classes)
-        z_y, z_u = self.latent_split.split(out.z)
-        shared = standard_normal_log_prob(z_u) + out.log_det
-        return self.prior.log_prob_all_classes(z_y) + shared[:, None]
-
-    def marginal_log_px(self, out: FlowOutput) -> torch.Tensor:
-        """``log sum_k p(x | k) p(k)``, uniform ``p(k) = 1/n_classes``: ``(B,)`` nats (cnf: ``log_px``)."""
-        if not self.conditional:
-            return out.log_px
-        return torch.logsumexp(self.log_px_all_classes(out), dim=1) - math.log(self.config.n_classes)
 
     def loss(self, out: FlowOutput, y: torch.Tensor | None, beta: float, levels: int) -> tuple[torch.Tensor, LossParts]:
         """Eq. 4: ``J = bits/dim of x given y + beta * cross-entropy``, shape ``()``.

@@ -17,7 +17,6 @@ alone, which is what a study of solver error needs. Densities are in nats.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,12 @@ from torch import nn
 from tolgate import GatedSolver, TolerancePolicy
 
 from .cnf import CNFBlock
-from .conditioning import ClassConditionalGaussian, LatentClassifier, LatentSplit, standard_normal_log_prob
+from .conditioning import (
+    ClassConditionalGaussian,
+    ConditionedLatent,
+    LatentClassifier,
+    LatentSplit,
+)
 from .models import DEFAULT_EVAL_POLICY, MODEL_KINDS, ModelKind, PolicyFactory
 from .odefuncs import TIME_EMBEDDINGS, MLPODENet, TimeEmbedding
 
@@ -83,7 +87,7 @@ class VectorOutput:
     logits: torch.Tensor | None
 
 
-class VectorFlow(nn.Module):
+class VectorFlow(ConditionedLatent, nn.Module):
     """``n_blocks`` CNF blocks from data ``x`` to latent ``z``, then the kind's prior and classifier.
     Build with :func:`build_vector_flow`."""
 
@@ -111,23 +115,8 @@ class VectorFlow(nn.Module):
         if self.conditional:
             self._check_labels(y, x.shape[0])
         z, log_det = self.encode(x)
-        z_y, z_u = self.latent_split.split(z)
-        log_pz = standard_normal_log_prob(z_u)
-        logits = None
-        if self.conditional:
-            log_pz = log_pz + self.prior.log_prob(z_y, y)
-            logits = self.classifier(z_y)
+        log_pz, logits = self.latent_log_prob(z, y)
         return VectorOutput(z=z, log_px=log_pz + log_det, log_det=log_det, logits=logits)
-
-    def marginal_log_px(self, out: VectorOutput) -> torch.Tensor:
-        """``log p(x) = log mean_k p(x | k)`` (classes uniform), ``(B,)`` nats; cnf: ``out.log_px``.
-        The flow is shared by the classes, so every class's density comes from the same solve."""
-        if not self.conditional:
-            return out.log_px
-        z_y, z_u = self.latent_split.split(out.z)
-        shared = standard_normal_log_prob(z_u) + out.log_det
-        per_class = self.prior.log_prob_all_classes(z_y) + shared[:, None]
-        return torch.logsumexp(per_class, dim=1) - math.log(self.config.n_classes)
 
     def objective(self, out: VectorOutput, y: torch.Tensor | None, beta: float) -> torch.Tensor:
         """Per-sample training objective ``(B,)`` nats: ``-log p(x | y) + beta * CE(p(y | z_y), y)``
