@@ -50,9 +50,9 @@ PER_SAMPLE_METHODS = tuple(TABLEAUX)
 class Settings(Protocol):
     """What a backend reads from its :class:`~tolgate.GatedSolver`."""
 
-    method: str
     adjoint: bool
     adjoint_method: str | None
+    penalties: bool
     options: dict[str, Any]
     max_num_steps: int | None
     adjoint_tolerance: tuple[Any, Any] | None
@@ -61,9 +61,11 @@ class Settings(Protocol):
 
 @dataclass(frozen=True)
 class SolveRequest:
-    """One call of a GatedSolver, checked by the solver (``times``: ``t`` as floats, 1-D, monotone)."""
+    """One call of a GatedSolver, checked by the solver (``times``: ``t`` as floats, 1-D, monotone;
+    ``method``: this call's method, the solver's ``method`` or, in eval mode, its ``eval_method``)."""
 
     settings: Settings
+    method: str
     func: Callable[..., State]
     adapted_func: Callable[..., State]
     y0: State
@@ -169,7 +171,7 @@ class PerSampleBackend:
             problem = None
         else:
             problem = prepare_per_sample(
-                request.y0, request.t, choice.rtol, choice.atol, settings.method, settings.max_num_steps
+                request.y0, request.t, choice.rtol, choice.atol, request.method, settings.max_num_steps
             )
         return PerSampleRun(request, problem, choice.rtol, choice.atol)
 

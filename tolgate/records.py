@@ -101,6 +101,12 @@ class SolveRecord:
         n_steps_backward: steps (accepted and rejected) of the adjoint solve.
         nfe_per_sample: per-sample evaluation counts ``(batch,)`` where the backend reports
             them, else ``None``.
+        local_error, stiffness: the solver-aware penalties of :mod:`tolgate.penalties`, filled
+            when the solver was built with ``penalties=True`` and the method is adaptive, else
+            ``None``: ``sum_j E_j |h_j|`` and ``sum_j rho_j |h_j|`` over the accepted steps ``j``
+            (``E_j`` the step's weighted error norm, ``rho_j`` its estimate of the field's local
+            Lipschitz constant, ``h_j`` its size). Tensors in the graph of the solve, shape ``()``
+            with the torchdiffeq backend and ``(batch,)`` with the per-sample one.
         status: how the solve ended; ``t_reached`` the last time the solver stepped from.
         extra: backend-specific facts, e.g. ``rows_evaluated`` (per-sample backend) or
             ``failed_in="adjoint"`` when the adjoint solve of autograd's backward failed.
@@ -123,6 +129,8 @@ class SolveRecord:
     n_steps_rejected: int = 0
     n_steps_backward: int = 0
     nfe_per_sample: torch.Tensor | None = None
+    local_error: torch.Tensor | None = None
+    stiffness: torch.Tensor | None = None
     status: SolveStatus = SolveStatus.RUNNING
     t_reached: float | None = None
     extra: dict = field(default_factory=dict)

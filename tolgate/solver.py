@@ -75,6 +75,13 @@ class GatedSolver(nn.Module):
             :class:`~tolgate.errors.StepBudgetExceeded`.
         adjoint_tolerance: ``(rtol, atol)`` for the adjoint solve; default the forward solve's.
         adjoint_method: the adjoint solve's method; default ``method``.
+        eval_method: the method of solves in eval mode; default ``method``. RNODE's protocol,
+            say: ``method="rk4"`` with a :class:`~tolgate.policies.FixedStepSize` policy for
+            training, ``eval_method="dopri5"`` at the fixed ``eval_policy`` for evaluation.
+        penalties: fill the solver-aware penalties ``record.local_error`` and
+            ``record.stiffness`` (:mod:`tolgate.penalties`) on every adaptive solve, as tensors
+            that backpropagate to the field's parameters (``loss + lam * record.local_error``).
+            Needs ``adjoint=False``: the adjoint method's forward solve keeps no graph.
         adjoint_options: options of the adjoint solve, e.g. ``{"norm": "seminorm"}``.
         max_records: how many :class:`SolveRecord` to keep in ``records`` (oldest dropped);
             ``None`` keeps all.
@@ -128,10 +135,19 @@ class GatedSolver(nn.Module):
         max_records: int | None = 16,
         backend: str | Backend = "torchdiffeq",
         adjoint_method: str | None = None,
+        eval_method: str | None = None,
+        penalties: bool = False,
     ) -> None:
         super().__init__()
         solver_backend = get_backend(backend)
         solver_backend.check(method, adjoint, adjoint_method)
+        if eval_method is not None:
+            solver_backend.check(eval_method, adjoint, adjoint_method)
+        if penalties and adjoint:
+            raise ValueError(
+                "penalties=True needs adjoint=False: the adjoint method runs its forward solve without a "
+                "graph, so record.local_error and record.stiffness could not be differentiated"
+            )
         if not isinstance(policy, TolerancePolicy):
             raise TypeError(f"policy must be a TolerancePolicy, got {type(policy).__name__}")
         if max_num_steps is not None and (
@@ -146,6 +162,8 @@ class GatedSolver(nn.Module):
         self.backend = solver_backend
         self.max_num_steps = max_num_steps
         self.method = method
+        self.eval_method = eval_method
+        self.penalties = penalties
         self.adjoint = adjoint
         self.adjoint_method = adjoint_method
         self.options = dict(options or {})
@@ -198,8 +216,10 @@ class GatedSolver(nn.Module):
         if context is None:
             context = y0[0] if isinstance(y0, tuple) else y0
         choice = self.choose_tolerance(context)
+        method = self.method if self.training or self.eval_method is None else self.eval_method
         request = SolveRequest(
             self,
+            method,
             func,
             self.backend.adapt(func, y0),
             y0,
@@ -212,7 +232,7 @@ class GatedSolver(nn.Module):
         )
         run = self.backend.prepare(request)
         record = SolveRecord(
-            method=self.method,
+            method=method,
             adjoint=self.adjoint,
             rtol=run.rtol,
             atol=run.atol,
@@ -238,7 +258,8 @@ class GatedSolver(nn.Module):
             raise
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}, adjoint={self.adjoint}, backend={self.backend.name!r}"
+        methods = self.method if self.eval_method is None else f"{self.method} (eval {self.eval_method})"
+        return f"method={methods!r}, adjoint={self.adjoint}, backend={self.backend.name!r}"
 
 
 def gated_solvers(module: nn.Module) -> Iterator[GatedSolver]:

@@ -50,6 +50,7 @@ from torchdiffeq._impl.solvers import FixedGridODESolver
 from .checks import LOW_PRECISION_DTYPES, check_rtol_for_dtype, control_dtype
 from .counting import CountingField, check_solution, describe, non_finite, time_of
 from .errors import AdjointParamsError, NonFiniteStateError, SolveError, StepBudgetExceeded, StepSizeUnderflow
+from .penalties import StageTape
 from .persample import takes_sample_index
 from .records import SolveRecord, SolveStatus
 
@@ -129,7 +130,13 @@ class TorchdiffeqField(CountingField):
     callbacks a solve needs (torchdiffeq looks them up with ``getattr``).
     """
 
-    __slots__ = ("user", "forward_guard", "adjoint_guard", "sign")
+    __slots__ = ("user", "forward_guard", "adjoint_guard", "sign", "tape")
+
+    def __call__(self, t: torch.Tensor, y: State, *per_sample: torch.Tensor) -> State:
+        out = super().__call__(t, y, *per_sample)
+        if self.tape is not None and not self.in_backward:
+            self.tape.evaluated(y, out)
+        return out
 
     def arm(self, times: list[float], eps: float, budgets: tuple[int | None, int | None], fixed_grid: bool) -> None:
         """Arm the step checks for a solve over the output ``times`` (user time).
@@ -147,14 +154,20 @@ class TorchdiffeqField(CountingField):
         self._forward_user("callback_step", t0, y0, dt)
         self.last_t, self.last_dt = t0, dt
         self._check_step(self.forward_guard, self.sign * _as_float(t0), y0, _as_float(dt))
+        if self.tape is not None:
+            self.tape.step_started()
 
     def _on_accept(self, t0: torch.Tensor, y0: State, dt: torch.Tensor) -> None:
         self._forward_user("callback_accept_step", t0, y0, dt)
         self.record.n_steps_accepted += 1
+        if self.tape is not None:
+            self.tape.accepted(_as_float(dt))
 
     def _on_reject(self, t0: torch.Tensor, y0: State, dt: torch.Tensor) -> None:
         self._forward_user("callback_reject_step", t0, y0, dt)
         self.record.n_steps_rejected += 1
+        if self.tape is not None:
+            self.tape.rejected()
 
     def _on_step_adjoint(self, t0: torch.Tensor, y0: State, dt: torch.Tensor) -> None:
         # The adjoint solve reports t0 as a key already (the forward solve's increasing time), and
@@ -279,8 +292,8 @@ class TorchdiffeqRun:
         request = self.request
         settings = request.settings
         user_func = request.func
-        adjoint_method = (settings.adjoint_method or settings.method) if settings.adjoint else None
-        names = _callback_names(user_func, settings.method, adjoint_method)
+        adjoint_method = (settings.adjoint_method or request.method) if settings.adjoint else None
+        names = _callback_names(user_func, request.method, adjoint_method)
         field = _field_class(names)(request.adapted_func, record, request.state_dtype)
         field.user = {name: getattr(user_func, name) for name in names if hasattr(user_func, name)}
         self.field = field
@@ -288,6 +301,7 @@ class TorchdiffeqRun:
         if request.state_dtype in LOW_PRECISION_DTYPES and t.dtype in LOW_PRECISION_DTYPES:
             t = t.to(torch.float32)  # the solver's time in at least float32 (see checks)
         field.arm(request.times, torch.finfo(_time_dtype(t, request.y0)).eps, self.budgets, self.step_size_rules)
+        field.tape = self._tape(field.sign)
         odeint = torchdiffeq.odeint_adjoint if settings.adjoint else torchdiffeq.odeint
         try:
             out = odeint(field, request.y0, t, **self.kwargs)
@@ -304,13 +318,23 @@ class TorchdiffeqRun:
             times = [request.times[0], float(event_t.detach())]
             check_solution(tuple(y[-1:] for y in ys) if isinstance(ys, tuple) else ys[-1:], times[1:], field, record)
             record.t_reached = times[1]
+        if field.tape is not None:
+            record.local_error, record.stiffness = _penalty_totals(field.tape, request.y0)
         record.status = SolveStatus.SUCCESS
         return out
+
+    def _tape(self, sign: float) -> StageTape | None:
+        """The stage tape of a solve with ``penalties=True`` and an adaptive method, else ``None``."""
+        request = self.request
+        if not request.settings.penalties or request.method not in ADAPTIVE_METHODS:
+            return None
+        tableau = SOLVERS[request.method].tableau
+        return StageTape(tableau.c_sol, tableau.c_error, request.choice.rtol, request.choice.atol, sign)
 
     @property
     def step_size_rules(self) -> bool:
         """Whether the grid, not the error control, sets the steps (no step-size test then)."""
-        return self.request.settings.method in FIXED_GRID_METHODS
+        return self.request.method in FIXED_GRID_METHODS
 
 
 class TorchdiffeqBackend:
@@ -334,11 +358,16 @@ class TorchdiffeqBackend:
     def prepare(self, request: SolveRequest) -> TorchdiffeqRun:
         """Validate ``request`` (raises before anything is solved) and lay out torchdiffeq's arguments."""
         settings, choice = request.settings, request.choice
-        method = settings.method
+        method = request.method
         options = {k: v for k, v in settings.options.items() if k != "max_num_steps"}
         step_size = _step_size(choice.step_size, method, options)
         uses_tolerance = method in TOLERANCE_METHODS or request.event_fn is not None
         rtol, atol = _tolerances(request, uses_tolerance)
+        if settings.penalties and choice.per_element and method in ADAPTIVE_METHODS:
+            raise ValueError(
+                "penalties=True takes a float or per-sample (batch,) tolerance; the policy chose per-element "
+                "tolerances, for which the penalties' error norm is not defined here"
+            )
         kwargs: dict[str, Any] = {"rtol": rtol, "atol": atol, "method": method, "options": options or None}
         if request.event_fn is not None:
             kwargs["event_fn"] = request.event_fn
@@ -361,6 +390,15 @@ class TorchdiffeqBackend:
             return func(t, y, idx)
 
         return all_rows
+
+
+def _penalty_totals(tape: StageTape, y0: State) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tape's sums, zeros (in the state's dtype) for a solve without accepted steps."""
+    if tape.local_error is not None and tape.stiffness is not None:
+        return tape.local_error, tape.stiffness
+    first = y0[0] if isinstance(y0, tuple) else y0
+    zero = first.new_zeros(())
+    return zero, zero.clone()
 
 
 def _time_dtype(t: torch.Tensor, y0: State) -> torch.dtype:
@@ -393,7 +431,7 @@ def _tolerances(request: SolveRequest, uses_tolerance: bool) -> tuple[Torchdiffe
     if choice.per_element or not uses_tolerance:
         return choice.rtol, choice.atol
     check_rtol_for_dtype(choice.rtol, request.state_dtype)
-    if request.settings.method == "scipy_solver" and isinstance(choice.rtol, torch.Tensor):
+    if request.method == "scipy_solver" and isinstance(choice.rtol, torch.Tensor):
         raise ValueError("method 'scipy_solver' takes scalar tolerances; the policy chose per-sample tolerances")
     rtol = _solver_tolerance(choice.rtol, request.y0, request.state_dtype)
     atol = _solver_tolerance(choice.atol, request.y0, request.state_dtype)
