@@ -5,12 +5,10 @@
         --iterations 50 --out /tmp/lt                                    # a smoke
     python benchmarks/learned_tolerance.py --report-only                # aggregate what is on disk
 
-Grid: testbeds (``TESTBED_PRESETS``) x arms (``ARMS``) x seeds. Each run is one
-:func:`tolgate_flows.testbed.run_testbed` in ``<out>/<testbed>/<arm>/seed<k>/``; a run whose
-``summary.json`` exists is skipped, so an interrupted grid resumes run by run. A run that fails
-(a solve over its step budget, say) writes a summary with a ``failed`` message instead of
-metrics. ``gate-mean`` runs last: they fix each block's tolerance at the final tolerance of the
-``learned-probe`` run of the same testbed and seed.
+Grid: testbeds (``TESTBED_PRESETS``) x arms (``ARMS``) x seeds, run by
+:mod:`tolgate_flows.testbed_grid` (resumable cell by cell). ``gate-mean`` runs last: they fix
+each block's tolerance at the final tolerance of the ``learned-probe`` run of the same testbed
+and seed.
 
 Within a seed every arm starts from the same flow and sees the same batches; every run is
 scored on the same held-out samples at the fixed ``eval_tol`` (1e-5). The report (mean ± std over
@@ -21,17 +19,13 @@ seeds, the best fixed tolerance in hindsight, cost ratios, the frontier figure) 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
-import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from tolgate import SolveError
-from tolgate_flows.testbed import TestbedConfig, run_testbed
+from tolgate_flows.testbed import TestbedConfig
+from tolgate_flows.testbed_grid import Job, run_dir, run_grid
 from tolgate_flows.testbed_report import write_report
 from tolgate_flows.tolerance import ToleranceConfig
 
@@ -69,13 +63,6 @@ ARMS: dict[str, dict] = {
 }
 GATE_MEAN_SOURCE = "learned-probe"
 
-Job = tuple[str, str, int]  # (testbed, arm, seed)
-
-
-def run_dir(out: Path, job: Job) -> Path:
-    testbed, arm, seed = job
-    return out / testbed / arm / f"seed{seed}"
-
 
 def job_config(job: Job, out: Path, iterations: int | None) -> TestbedConfig:
     """The run's configuration; for ``gate-mean``, from its source run's final tolerances."""
@@ -95,49 +82,6 @@ def job_config(job: Job, out: Path, iterations: int | None) -> TestbedConfig:
     return TestbedConfig(**settings, seed=seed, tolerance=ToleranceConfig(**tolerance))
 
 
-def run_job(job: Job, out: Path, iterations: int | None) -> str:
-    """Run one grid cell unless its summary exists; returns a one-line report."""
-    path = run_dir(out, job)
-    if (path / "summary.json").exists():
-        return f"{'/'.join(map(str, job))}: done before"
-    try:
-        config = job_config(job, out, iterations)
-    except (FileNotFoundError, ValueError) as exc:  # gate-mean without a usable source run
-        return f"{'/'.join(map(str, job))}: skipped, {exc}"
-    torch.set_num_threads(1)  # one core per run: tiny tensors gain nothing from threads
-    start = time.perf_counter()
-    try:
-        summary = run_testbed(config, path)
-    except (SolveError, ValueError) as exc:  # a diverged run (NaN, step budget) is a result; the grid goes on
-        testbed, arm, seed = job
-        failed = {"testbed": testbed, "arm": arm, "seed": seed, "failed": f"{type(exc).__name__}: {exc}"}
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "summary.json").write_text(json.dumps(failed, indent=1))
-        return f"{'/'.join(map(str, job))}: FAILED {failed['failed']}"
-    return (
-        f"{'/'.join(map(str, job))}: test NLL {summary['test_nll']:.4f}, NFE {summary['nfe_total']:.1f}, "
-        f"log10 tol {[round(t, 2) for t in summary['final_log10_tolerance']]}, {time.perf_counter() - start:.0f}s"
-    )
-
-
-def run_grid(jobs: list[Job], out: Path, iterations: int | None, workers: int) -> None:
-    """Every job, ``workers`` processes at a time; ``gate-mean`` jobs after all others."""
-    phases = [[j for j in jobs if j[1] != "gate-mean"], [j for j in jobs if j[1] == "gate-mean"]]
-    with tqdm(total=len(jobs), desc="runs") as bar:
-        for phase in phases:
-            if workers == 1:
-                messages = (run_job(job, out, iterations) for job in phase)
-                for message in messages:
-                    bar.write(message)
-                    bar.update(1)
-                continue
-            with ProcessPoolExecutor(workers) as pool:
-                futures = [pool.submit(run_job, job, out, iterations) for job in phase]
-                for future in futures:
-                    bar.write(future.result())
-                    bar.update(1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--testbeds", nargs="+", choices=list(TESTBED_PRESETS), default=list(TESTBED_PRESETS))
@@ -154,7 +98,11 @@ def main() -> None:
     if not args.report_only:
         # Seed-major: an interrupted grid has every testbed and arm at its first seeds.
         jobs = [(testbed, arm, seed) for seed in args.seeds for testbed in args.testbeds for arm in args.arms]
-        run_grid(jobs, args.out, args.iterations, args.workers)
+        # gate-mean runs last: they read the learned-probe run of their testbed and seed.
+        phases = [[j for j in jobs if j[1] != "gate-mean"], [j for j in jobs if j[1] == "gate-mean"]]
+        run_grid(
+            phases, args.out, functools.partial(job_config, out=args.out, iterations=args.iterations), args.workers
+        )
     report = write_report(args.out, args.results, " ".join(["python", *sys.argv]))
     for testbed, entry in report.items():
         best = entry["best_fixed"]
