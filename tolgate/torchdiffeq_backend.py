@@ -132,12 +132,6 @@ class TorchdiffeqField(CountingField):
 
     __slots__ = ("user", "forward_guard", "adjoint_guard", "sign", "tape")
 
-    def __call__(self, t: torch.Tensor, y: State, *per_sample: torch.Tensor) -> State:
-        out = super().__call__(t, y, *per_sample)
-        if self.tape is not None and not self.in_backward:
-            self.tape.evaluated(y, out)
-        return out
-
     def arm(self, times: list[float], eps: float, budgets: tuple[int | None, int | None], fixed_grid: bool) -> None:
         """Arm the step checks for a solve over the output ``times`` (user time).
 
@@ -253,12 +247,25 @@ _CALLBACKS: dict[str, Callable[..., None]] = {
 }
 
 
+class _TapedField(TorchdiffeqField):
+    """A :class:`TorchdiffeqField` that also hands every forward evaluation to its stage tape
+    (``penalties=True``; a separate class so that other solves pay nothing per evaluation)."""
+
+    __slots__ = ()
+
+    def __call__(self, t: torch.Tensor, y: State, *per_sample: torch.Tensor) -> State:
+        out = super().__call__(t, y, *per_sample)
+        if not self.in_backward:
+            self.tape.evaluated(y, out)
+        return out
+
+
 @functools.cache
-def _field_class(names: frozenset[str]) -> type[TorchdiffeqField]:
+def _field_class(names: frozenset[str], taped: bool) -> type[TorchdiffeqField]:
     """A :class:`TorchdiffeqField` subclass with exactly the callbacks ``names`` (one per set, cached)."""
     attributes: dict[str, Any] = {name: _CALLBACKS[name] for name in names}
     attributes["__slots__"] = ()
-    return type("TorchdiffeqField", (TorchdiffeqField,), attributes)
+    return type("TorchdiffeqField", (_TapedField if taped else TorchdiffeqField,), attributes)
 
 
 def _callback_names(func: Callable[..., Any], method: str, adjoint_method: str | None) -> frozenset[str]:
@@ -294,14 +301,17 @@ class TorchdiffeqRun:
         user_func = request.func
         adjoint_method = (settings.adjoint_method or request.method) if settings.adjoint else None
         names = _callback_names(user_func, request.method, adjoint_method)
-        field = _field_class(names)(request.adapted_func, record, request.state_dtype)
+        tape = self._tape()
+        field = _field_class(names, tape is not None)(request.adapted_func, record, request.state_dtype)
+        field.tape = tape
         field.user = {name: getattr(user_func, name) for name in names if hasattr(user_func, name)}
         self.field = field
         t = request.t
         if request.state_dtype in LOW_PRECISION_DTYPES and t.dtype in LOW_PRECISION_DTYPES:
             t = t.to(torch.float32)  # the solver's time in at least float32 (see checks)
         field.arm(request.times, torch.finfo(_time_dtype(t, request.y0)).eps, self.budgets, self.step_size_rules)
-        field.tape = self._tape(field.sign)
+        if tape is not None:
+            tape.sign = field.sign
         odeint = torchdiffeq.odeint_adjoint if settings.adjoint else torchdiffeq.odeint
         try:
             out = odeint(field, request.y0, t, **self.kwargs)
@@ -323,13 +333,13 @@ class TorchdiffeqRun:
         record.status = SolveStatus.SUCCESS
         return out
 
-    def _tape(self, sign: float) -> StageTape | None:
+    def _tape(self) -> StageTape | None:
         """The stage tape of a solve with ``penalties=True`` and an adaptive method, else ``None``."""
         request = self.request
         if not request.settings.penalties or request.method not in ADAPTIVE_METHODS:
             return None
         tableau = SOLVERS[request.method].tableau
-        return StageTape(tableau.c_sol, tableau.c_error, request.choice.rtol, request.choice.atol, sign)
+        return StageTape(tableau.c_sol, tableau.c_error, request.choice.rtol, request.choice.atol)
 
     @property
     def step_size_rules(self) -> bool:
