@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backends import BACKENDS, PER_SAMPLE_METHODS, Backend, SolveRequest, get_backend
+from .backends import BACKENDS, PER_SAMPLE_METHODS, Backend, Run, SolveRequest, get_backend
 from .checks import check_times, state_dtype_of
 from .counting import attach_record, non_finite, time_of
 from .errors import NonFiniteStateError, SolveError, StepBudgetExceeded, StepSizeUnderflow
@@ -242,20 +242,7 @@ class GatedSolver(nn.Module):
         )
         self.records.append(record)
         announce(self, record)
-        try:
-            return run.run(record)
-        except SolveError as exc:
-            if exc.record is None:  # raised by the per-sample step loop
-                exc.record = record
-            if record.status is SolveStatus.RUNNING:
-                record.status = _STATUS_OF_ERROR.get(type(exc), SolveStatus.FAILED)
-            raise
-        except BaseException as exc:
-            if record.status is SolveStatus.RUNNING:
-                record.status = SolveStatus.FAILED if isinstance(exc, Exception) else SolveStatus.INTERRUPTED
-                record.t_reached = time_of(None if run.field is None else run.field.last_t)
-                attach_record(exc, record)
-            raise
+        return _run_recorded(run, record)
 
     def extra_repr(self) -> str:
         methods = self.method if self.eval_method is None else f"{self.method} (eval {self.eval_method})"
@@ -272,6 +259,24 @@ def set_progress(module: nn.Module, step: int, epoch: float) -> None:
     progress = Progress(step=step, epoch=epoch)
     for solver in gated_solvers(module):
         solver.progress = progress
+
+
+def _run_recorded(run: Run, record: SolveRecord) -> Any:
+    """``run.run(record)``; on failure the record's status says how and the exception carries it."""
+    try:
+        return run.run(record)
+    except SolveError as exc:
+        if exc.record is None:  # raised by the per-sample step loop
+            exc.record = record
+        if record.status is SolveStatus.RUNNING:
+            record.status = _STATUS_OF_ERROR.get(type(exc), SolveStatus.FAILED)
+        raise
+    except BaseException as exc:
+        if record.status is SolveStatus.RUNNING:
+            record.status = SolveStatus.FAILED if isinstance(exc, Exception) else SolveStatus.INTERRUPTED
+            record.t_reached = time_of(None if run.field is None else run.field.last_t)
+            attach_record(exc, record)
+        raise
 
 
 def _check_state(y0: State, t: torch.Tensor) -> None:
