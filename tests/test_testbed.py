@@ -184,3 +184,17 @@ def test_best_fixed_is_the_loosest_within_the_margin_of_1e_5() -> None:
     assert report["arms"]["fixed-1e-5"]["test_nll"]["std"] == pytest.approx(0.001)
     paired = report["paired_test_nll_vs_reference"]["fixed-1e-4"]
     assert paired["mean"] == pytest.approx(0.009) and paired["std"] == pytest.approx(0.001)
+
+
+def test_an_arm_with_levers_is_compared_not_taken_as_a_fixed_baseline() -> None:
+    """An RNODE arm runs in tolerance mode 'fixed' (rk4 has no tolerance), yet it is a policy to
+    compare with the fixed tolerances, never one of them."""
+    rnode = [fake_run(1e-5, s, 2.0, 20) for s in range(2)]
+    for summary in rnode:
+        summary["config"]["levers"] = {"kinetic": 0.01, "jacobian": 0.01, "train_method": "rk4", "steer": 0.0}
+    runs = {"fixed-1e-5": [fake_run(1e-5, s, 2.0, 100) for s in range(2)], "rnode": rnode}
+    report = build_report({"toy": runs})["toy"]
+    assert report["best_fixed"]["arm"] == "fixed-1e-5"
+    assert report["arms"]["rnode"]["levers"] == {"kinetic": 0.01, "jacobian": 0.01, "train_method": "rk4"}
+    assert report["arms"]["fixed-1e-5"]["levers"] == {}
+    assert report["ratios"]["rnode"]["nfe_total_vs_best_fixed"] == pytest.approx(0.2)

@@ -69,6 +69,7 @@ _NONE_MEANS = {
     "max_train_batches": "all",
     "max_eval_batches": "all",
     "max_num_steps": "unlimited",
+    "train_method": "off, train with --method",
 }
 
 _MAY_CHANGE = ", ".join(sorted(flag_of(name) for name in RESUME_MAY_CHANGE))
@@ -153,7 +154,8 @@ _HELP = {
     "out": "output folder (metrics.jsonl, checkpoints, plots, summary.json)",
     "hidden": "filters of each ODE net's convolutions",
     "n_flows": "CNF blocks on each side of every squeeze",
-    "method": "per backend: torchdiffeq takes the adaptive methods, tolgate dopri5, bosh3, tsit5",
+    "method": "per backend: torchdiffeq takes the adaptive methods, tolgate dopri5, bosh3, tsit5; with "
+    "--train-method the method of evaluation only",
     "adjoint": "adjoint backward pass",
     "seminorm": "seminorm adjoint (needs --adjoint)",
     "backend": "tolgate: per-sample step sizes and (with learned gates) per-sample tolerances",
@@ -167,6 +169,17 @@ _HELP = {
     "recheck_tols": "re-evaluate the selected checkpoint at these",
     "sample_every": "write a class-conditional sample grid every N epochs (0: never)",
     "max_num_steps": "step budget of every solve; a solve that needs more stops the run",
+    "kinetic": "RNODE: weight of the kinetic energy, int 1/2 mean_d f_d^2 dt per sample (0: off)",
+    "jacobian": "RNODE: weight of the Jacobian's squared Frobenius norm per dimension, by the trace's own "
+    "Hutchinson noise (0: off)",
+    "local_error": "weight of the solver's accumulated local-error estimate, sum_j E_j h_j (ERNODE; 0: off; "
+    "adaptive training method, no --adjoint)",
+    "stiffness": "weight of the solver's stiffness estimate, sum_j rho_j h_j (SRNODE; 0: off; adaptive training "
+    "method, no --adjoint)",
+    "steer": "STEER: each training solve ends at T ~ Uniform(1 - b, 1 + b); b in [0, 1), evaluation at T = 1",
+    "train_method": "train on this fixed grid (RNODE: rk4) at --train-step-size; --method at --eval-tol evaluates "
+    "(needs --tolerance fixed)",
+    "train_step_size": "step of --train-method, in time units (0.25: 4 steps over [0, 1])",
 }
 # Fields set through a flag of another form: --no-progress, --gate-mean-from (see _add_special_flags).
 _SPECIAL_FIELDS = ("progress_bar", "gate_mean_log10")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -27,7 +27,7 @@ from torch import nn
 
 from tolgate import FixedTolerance, GatedSolver, TolerancePolicy
 
-from .cnf import DIVERGENCES, NOISES, CNFBlock, Divergence, Noise
+from .cnf import DIVERGENCES, NOISES, CNFBlock, Divergence, Noise, Regularisers
 from .conditioning import (
     ZY_LOCATIONS,
     ClassConditionalGaussian,
@@ -37,6 +37,7 @@ from .conditioning import (
     ZyLocation,
 )
 from .data import bits_per_dim
+from .levers import LeverConfig, block_kwargs, check_compatible, solver_kwargs
 from .multiscale import ImageShape, MultiscaleFlow, default_n_scales
 from .odefuncs import TIME_EMBEDDINGS, ConvODENet, TimeEmbedding
 
@@ -57,6 +58,8 @@ class ModelConfig:
     only. ``odefunc_layers`` hidden convs of width ``hidden`` per block's field.
     ``max_num_steps``: step budget per solve (None: unlimited). ``backend``: ``"torchdiffeq"``
     (one step size per batch) or ``"tolgate"`` (every sample its own step size and tolerance).
+    ``levers``: RNODE, solver penalties, STEER, fixed-grid training (:mod:`.levers`); with
+    ``levers.train_method``, ``method`` is the evaluation method.
     """
 
     kind: ModelKind = "infocnf"
@@ -77,9 +80,13 @@ class ModelConfig:
     backend: str = "torchdiffeq"
     logit_alpha: float = 1e-6
     dropout: float = 0.5
+    levers: LeverConfig = field(default_factory=LeverConfig)
 
     def __post_init__(self) -> None:
         self.image_shape = tuple(self.image_shape)
+        if not isinstance(self.levers, LeverConfig):
+            raise TypeError(f"levers must be a LeverConfig, got {type(self.levers).__name__}")
+        check_compatible(self.levers, adjoint=self.adjoint, per_sample=self.backend in ("per_sample", "tolgate"))
         _check_choice("kind", self.kind, MODEL_KINDS)
         _check_choice("time_embedding", self.time_embedding, TIME_EMBEDDINGS)
         _check_choice("divergence", self.divergence, DIVERGENCES)
@@ -118,12 +125,15 @@ class FlowOutput:
         the density of the dequantized ``x`` in ``[0,1]^D``, logit log-det included.
     log_det: ``(B,)`` nats, ``log |det dz/dx|`` including the logit transform.
     logits: ``(B, n_classes)``, the classifier on ``z_y`` (infocnf) or ``z`` (ccnf); ``None`` for cnf.
+    regularisers: RNODE's integrals ``(B,)`` summed over the blocks, where the levers ask for them
+        (training mode only); the training loss adds them (:func:`tolgate_flows.levers.with_penalties`).
     """
 
     z: torch.Tensor
     log_px: torch.Tensor
     log_det: torch.Tensor
     logits: torch.Tensor | None
+    regularisers: Regularisers = field(default_factory=Regularisers)
 
 
 @dataclass
@@ -167,9 +177,9 @@ class FlowModel(ConditionedLatent, nn.Module):
         (required for conditional kinds, ignored for cnf)."""
         if self.conditional:
             self._check_labels(y, x.shape[0])
-        z, log_det = self.encode(x)
+        z, log_det, regularisers = self.flow.encode(x)
         log_pz, logits = self.latent_log_prob(z, y)
-        return FlowOutput(z=z, log_px=log_pz + log_det, log_det=log_det, logits=logits)
+        return FlowOutput(z=z, log_px=log_pz + log_det, log_det=log_det, logits=logits, regularisers=regularisers)
 
     def loss(self, out: FlowOutput, y: torch.Tensor | None, beta: float, levels: int) -> tuple[torch.Tensor, LossParts]:
         """Eq. 4: ``J = bits/dim of x given y + beta * cross-entropy``, shape ``()``.
@@ -228,21 +238,23 @@ def build_model(
     ``lambda i, c: GaussianGate(ConvGate(c))``); blocks are numbered in network order, data side
     first, so ``tolgate.gated_solvers(model)`` yields their solvers in that order. The gate of
     a block reads that block's input. ``eval_policy`` is every solver's evaluation policy
-    (``None``: the training policy's deterministic choice).
+    (``None``: the training policy's deterministic choice). ``config.levers`` set the blocks'
+    RNODE integrals and STEER and the solvers' training method and penalties (:mod:`.levers`).
     """
 
     def make_block(index: int, shape: ImageShape) -> CNFBlock:
         channels = shape[0]
         solver = GatedSolver(
-            policy_factory(index, channels),
-            method=config.method,
+            **solver_kwargs(config.levers, policy_factory(index, channels), config.method),
             adjoint=config.adjoint,
             max_num_steps=config.max_num_steps,
             eval_policy=eval_policy,
             backend=config.backend,
         )
         odefunc = ConvODENet(channels, config.hidden, config.odefunc_layers, config.time_embedding)
-        return CNFBlock(odefunc, solver, divergence=config.divergence, noise=config.noise)
+        return CNFBlock(
+            odefunc, solver, divergence=config.divergence, noise=config.noise, **block_kwargs(config.levers)
+        )
 
     flow = MultiscaleFlow(
         config.image_shape, config.resolved_n_scales, config.n_flows, make_block, alpha=config.logit_alpha

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cnf import CNFBlock
+from .cnf import CNFBlock, Encoding, Regularisers
 
 ImageShape = tuple[int, int, int]
 # make_block(block_index, (C, H, W) of the block's state) -> the CNF block; indices in network order.
@@ -83,14 +83,17 @@ class _Scale(nn.Module):
         self.post = nn.ModuleList(post)
         self.squeezes = squeezes
 
-    def forward(self, z: torch.Tensor, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, z: torch.Tensor, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Regularisers]:
+        regularisers = Regularisers()
         for block in self.pre:
-            z, logp = block(z, logp)
+            z, logp, carried = block.solve(z, logp)
+            regularisers += carried
         if self.squeezes:
             z = squeeze(z)
             for block in self.post:
-                z, logp = block(z, logp)
-        return z, logp
+                z, logp, carried = block.solve(z, logp)
+                regularisers += carried
+        return z, logp, regularisers
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
         if self.squeezes:
@@ -152,20 +155,28 @@ class MultiscaleFlow(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode ``x`` ``(B, C, H, W)`` in ``[0,1]``: returns ``z`` ``(B, dims)`` in canonical order
         and ``log|det dz/dx|`` ``(B,)`` in nats, logit transform included."""
+        encoding = self.encode(x)
+        return encoding.z, encoding.log_det
+
+    def encode(self, x: torch.Tensor) -> Encoding:
+        """:meth:`forward`, with the RNODE integrals summed over the blocks
+        (:class:`~tolgate_flows.cnf.Regularisers`)."""
         if tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"expected images of shape (batch, {self.image_shape}), got {tuple(x.shape)}")
         h, log_det_logit = self.logit(x)
         logp = h.new_zeros(h.shape[0])
         pieces = []
+        regularisers = Regularisers()
         for s, scale in enumerate(self.scales):
-            h, logp = scale(h, logp)
+            h, logp, carried = scale(h, logp)
+            regularisers += carried
             if s < len(self.scales) - 1:
                 keep = h.shape[1] // 2
                 h, factored = h[:, :keep], h[:, keep:]
                 pieces.append(factored.flatten(1))
         pieces.append(h.flatten(1))
         # Each block returned logp - integral of the trace, so -logp is the flow's log-det.
-        return torch.cat(pieces, dim=1), log_det_logit - logp
+        return Encoding(torch.cat(pieces, dim=1), log_det_logit - logp, regularisers)
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
         """Decode ``z`` ``(B, dims)`` (canonical order) back to images ``(B, C, H, W)``."""

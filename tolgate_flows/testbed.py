@@ -18,13 +18,19 @@ What :func:`run_testbed` reports (``summary.json``), and why:
   block) against ``test_nll`` (same set, the fixed ``eval_tol``) shows whether it did.
 * ``integral_at_used_tol`` / ``integral_at_eval_tol``: the model's density integrated over the
   testbed's box; a density solved loosely need not integrate to one.
+* Levers (:mod:`.levers`: RNODE, solver penalties, STEER, fixed-grid training): the training loss
+  adds the weighted penalties (:func:`~tolgate_flows.levers.with_penalties`) and ``log.jsonl``
+  reports each penalty's value per iteration (``kinetic, jacobian, local_error, stiffness``;
+  ``None`` when off); evaluation is untouched (``eval_tol`` with the adaptive ``method``, ``T =
+  1``). A fixed-grid run has no training tolerance: its ``*_at_used_tol`` keys are ``None``.
 
 Every key: ``testbed, kind, mode, estimator, seed, iterations``; ``nfe_forward, nfe_backward,
 probe_nfe_equivalent, nfe_total`` (per iteration); ``final_log10_tolerance`` (per block),
 ``final_train_nll, final_train_cross_entropy`` (nats; ``None`` for cnf); at ``eval_tol``
 ``test_nll`` (``-log p(x|y)``), ``test_nll_marginal`` (``-log p(x)``), ``test_error``,
 ``test_nfe_forward``; at the final training tolerance ``test_nll_at_used_tol,
-test_error_at_used_tol``; ``integral_at_eval_tol, integral_at_used_tol``;
+test_error_at_used_tol``; ``integral_at_eval_tol, integral_at_used_tol``; ``penalties``
+(per penalty, its mean value per iteration over the run, ``None`` when off);
 ``seconds_per_iteration`` (training, probes included), ``wall_seconds`` (the whole run);
 ``config`` (``asdict`` of the :class:`TestbedConfig`).
 """
@@ -53,6 +59,7 @@ from tolgate import (
 )
 
 from .data import ToyData, derived_seed, toy_data
+from .levers import PENALTIES, LeverConfig, PenaltyValues, check_compatible, with_penalties
 from .models import ModelKind
 from .tolerance import ToleranceConfig, ToleranceLearner, make_optimizer, policy_factory
 from .vector_flows import VectorFlow, VectorFlowConfig, build_vector_flow, density_integral
@@ -72,7 +79,9 @@ class TestbedConfig:
     the fixed tolerance of every test solve; ``eval_size`` test samples. ``grid_points`` per
     axis of the density integral (``None``: 2000 in 1-D, 200 in 2-D: steps of 0.01 and 0.1).
     ``float64``: model and data in double precision. ``log_every``: iterations per line of
-    ``log.jsonl``. ``max_num_steps``: step budget of every solve.
+    ``log.jsonl``. ``max_num_steps``: step budget of every solve. ``adjoint``: backward pass by the
+    adjoint method, ``seminorm``: with the seminorm (needs ``adjoint``). ``levers``: RNODE, solver
+    penalties, STEER, fixed-grid training (:mod:`.levers`; a fixed grid needs tolerance mode fixed).
     """
 
     __test__ = False  # not a pytest test class, whatever its name
@@ -94,7 +103,10 @@ class TestbedConfig:
     float64: bool = False
     log_every: int = 50
     max_num_steps: int | None = 1000
+    adjoint: bool = False
+    seminorm: bool = False
     tolerance: ToleranceConfig = field(default_factory=ToleranceConfig)
+    levers: LeverConfig = field(default_factory=LeverConfig)
 
     def __post_init__(self) -> None:
         data = toy_data(self.testbed)
@@ -107,12 +119,14 @@ class TestbedConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed!r}")
         FixedTolerance(self.eval_tol)  # validates it
         self.model_config()  # validates the model settings
+        check_compatible(self.levers, adjoint=self.adjoint, per_sample=False, tolerance_mode=self.tolerance.mode)
 
     @classmethod
     def from_dict(cls, values: dict) -> TestbedConfig:
-        """Inverse of ``dataclasses.asdict`` (the nested tolerance settings included)."""
+        """Inverse of ``dataclasses.asdict`` (the nested tolerance and lever settings included)."""
         values = dict(values)
         values["tolerance"] = ToleranceConfig(**values.get("tolerance", {}))
+        values["levers"] = LeverConfig.from_dict(values.get("levers", {}))
         return cls(**values)
 
     @property
@@ -139,21 +153,26 @@ class TestbedConfig:
             hidden=self.hidden,
             n_layers=self.n_layers,
             max_num_steps=self.max_num_steps,
+            adjoint=self.adjoint,
+            seminorm=self.seminorm,
+            levers=self.levers,
         )
 
 
 @dataclass
 class StepStats:
     """What one training iteration measured. NFE summed over blocks; ``log10_tolerance`` per
-    block; ``nll`` and ``cross_entropy`` (``None`` for cnf) batch means in nats."""
+    block (``None`` on a fixed grid); ``nll`` and ``cross_entropy`` (``None`` for cnf) batch means
+    in nats; ``penalties`` the levers' values before weighting."""
 
     nfe_forward: int
     nfe_backward: int
     probe_nfe_equivalent: float
-    log10_tolerance: list[float]
+    log10_tolerance: list[float | None]
     nll: float
     cross_entropy: float | None
     seconds: float
+    penalties: PenaltyValues = field(default_factory=PenaltyValues)
 
 
 def batch_at(config: TestbedConfig, iteration: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -185,7 +204,8 @@ def train_step(
     config: TestbedConfig,
     iteration: int,
 ) -> StepStats:
-    """One iteration: forward, backward (plus the paper estimator's surrogate), the probes on the
+    """One iteration: forward, backward of the objective plus the levers' penalties (plus the
+    paper estimator's surrogate, whose return sees the objective alone), the probes on the
     batch's first ``probe_size`` rows, the optimiser step."""
     start = time.perf_counter()
     x, y = batch_at(config, iteration)
@@ -194,8 +214,9 @@ def train_step(
     with collect_records(model) as records:
         out = model(x, y)
     loss = model.objective(out, y, config.beta).mean()
+    total, penalties = with_penalties(loss, config.levers, out.regularisers, records)
     optimizer.zero_grad(set_to_none=True)
-    learner.backward(loss, records, loss.detach())
+    learner.backward(total, records, loss.detach())
     rows = config.tolerance.probe_size
     probe_x, probe_y = x[:rows], None if y is None else y[:rows]
 
@@ -213,6 +234,7 @@ def train_step(
         nll=float(-out.log_px.detach().mean()),
         cross_entropy=cross_entropy,
         seconds=time.perf_counter() - start,
+        penalties=penalties,
     )
 
 
@@ -257,7 +279,8 @@ def _window(stats: Sequence[StepStats], iteration: int) -> dict:
         "nfe_forward": _mean([s.nfe_forward for s in stats]),
         "nfe_backward": _mean([s.nfe_backward for s in stats]),
         "probe_nfe_equivalent": _mean([s.probe_nfe_equivalent for s in stats]),
-        "log10_tolerance": [statistics.fmean(b) for b in blocks],
+        "log10_tolerance": [_mean(b) for b in blocks],
+        **{name: _mean([getattr(s.penalties, name) for s in stats]) for name in PENALTIES},
         "seconds_per_iteration": _mean([s.seconds for s in stats]),
     }
 
@@ -298,10 +321,15 @@ def _summarise(model: VectorFlow, config: TestbedConfig, stats: Sequence[StepSta
     data = config.data
     at_eval = evaluate(model, x, y)
     integral_at_eval = density_integral(model, *data.box, config.points_per_axis)
-    used = {id(s): FixedTolerance(10.0**t) for s, t in zip(gated_solvers(model), final["log10_tolerance"], strict=True)}
-    with use_policies(model, lambda solver: used[id(solver)]):
-        at_used = evaluate(model, x, y)
-        integral_at_used = density_integral(model, *data.box, config.points_per_axis)
+    at_used: HeldOutMetrics | None = None
+    integral_at_used: float | None = None
+    if config.levers.train_method is None:  # a fixed grid in training used no tolerance
+        used = {
+            id(s): FixedTolerance(10.0**t) for s, t in zip(gated_solvers(model), final["log10_tolerance"], strict=True)
+        }
+        with use_policies(model, lambda solver: used[id(solver)]):
+            at_used = evaluate(model, x, y)
+            integral_at_used = density_integral(model, *data.box, config.points_per_axis)
     return {
         "testbed": config.testbed,
         "kind": config.kind,
@@ -320,10 +348,11 @@ def _summarise(model: VectorFlow, config: TestbedConfig, stats: Sequence[StepSta
         "test_nll_marginal": at_eval.nll_marginal,
         "test_error": at_eval.error,
         "test_nfe_forward": at_eval.nfe_forward,
-        "test_nll_at_used_tol": at_used.nll,
-        "test_error_at_used_tol": at_used.error,
+        "test_nll_at_used_tol": None if at_used is None else at_used.nll,
+        "test_error_at_used_tol": None if at_used is None else at_used.error,
         "integral_at_eval_tol": integral_at_eval,
         "integral_at_used_tol": integral_at_used,
+        "penalties": {name: run[name] for name in PENALTIES},
         "seconds_per_iteration": run["seconds_per_iteration"],
         "config": asdict(config),
     }

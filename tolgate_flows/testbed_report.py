@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from . import plots
+from .levers import LeverConfig
 
 plt = plots.plt
 
@@ -62,7 +64,9 @@ def _mean_std(values: Sequence[float | None]) -> dict[str, float | int | None]:
 
 def aggregate(summaries: Sequence[Mapping]) -> dict:
     """Mean ± std over seeds of :data:`METRICS` and of each block's final log10 tolerance; failed
-    runs (a ``failed`` message instead of metrics) are counted, not averaged."""
+    runs (a ``failed`` message instead of metrics) are counted, not averaged. ``levers``: the
+    lever settings that differ from the defaults (an arm with levers is never a fixed-tolerance
+    baseline, whatever its tolerance mode)."""
     finished = [s for s in summaries if "failed" not in s]
     result = {metric: _mean_std([s[metric] for s in finished]) for metric in METRICS}
     per_block = zip(*(s["final_log10_tolerance"] for s in finished), strict=True) if finished else []
@@ -72,12 +76,20 @@ def aggregate(summaries: Sequence[Mapping]) -> dict:
     if finished:
         tolerance = finished[0]["config"]["tolerance"]
         result["mode"], result["train_tol"] = tolerance["mode"], tolerance["train_tol"]
+        defaults = asdict(LeverConfig())
+        levers = finished[0]["config"].get("levers") or {}
+        result["levers"] = {name: value for name, value in levers.items() if value != defaults.get(name)}
     return result
+
+
+def _plain_fixed(arm: Mapping) -> bool:
+    """A fixed tolerance and no lever: the baselines of the report."""
+    return arm.get("mode") == "fixed" and not arm.get("levers")
 
 
 def _fixed_arms(arms: Mapping[str, dict]) -> list[str]:
     """Arms of fixed tolerance, loosest first."""
-    fixed = [name for name, arm in arms.items() if arm.get("mode") == "fixed" and arm["test_nll"]["mean"] is not None]
+    fixed = [name for name, arm in arms.items() if _plain_fixed(arm) and arm["test_nll"]["mean"] is not None]
     return sorted(fixed, key=lambda name: -arms[name]["train_tol"])
 
 
@@ -106,7 +118,7 @@ def _ratios(arms: Mapping[str, dict], best: dict) -> dict[str, dict]:
             "test_nll_minus_reference": arm["test_nll"]["mean"] - ref_nll,
         }
         for name, arm in arms.items()
-        if arm.get("mode") != "fixed" and arm["nfe_total"]["mean"] is not None
+        if not _plain_fixed(arm) and arm["nfe_total"]["mean"] is not None
     }
 
 

@@ -5,15 +5,19 @@ configuration only. A training step, in order:
 
 1. every block's GatedSolver takes its tolerance from its policy; the step's solves are collected
    with :func:`tolgate.collect_records`;
-2. ``J = bits/dim(x|y) + beta * cross-entropy`` (Eq. 4) is formed from the model's output;
-3. :class:`~tolgate_flows.tolerance.ToleranceLearner` runs the backward: ``J`` alone, or with the
-   paper's REINFORCE surrogate (Eq. 7) for ``--estimator paper``;
+2. ``J = bits/dim(x|y) + beta * cross-entropy`` (Eq. 4) is formed from the model's output, and
+   the weighted penalties of the levers are added to it (:func:`~tolgate_flows.levers.with_penalties`:
+   RNODE's kinetic energy and Jacobian norm, the solver's local error and stiffness);
+3. :class:`~tolgate_flows.tolerance.ToleranceLearner` runs the backward: ``J`` (with penalties)
+   alone, or with the paper's REINFORCE surrogate (Eq. 7) for ``--estimator paper``, whose return
+   sees ``J`` alone;
 4. every ``probe_every`` steps it probes the batch's first ``probe_size`` rows: the probe
    estimator adds the gates' gradient, the adaptive policy recalibrates its tolerance;
 5. gradients averaged over ranks, one optimiser step.
 
-Evaluation always uses the fixed tolerance ``eval_tol`` (never the sampled training tolerance) and
-the divergence estimator ``eval_divergence``, the same for every model.
+Evaluation always uses the fixed tolerance ``eval_tol`` (never the sampled training tolerance) with
+the adaptive ``method`` (also under ``--train-method``, the fixed grid of training), the end time 1
+(also under ``--steer``) and the divergence estimator ``eval_divergence``, the same for every model.
 
 Data parallelism (``torchrun --nproc_per_node=N``): each rank takes its shard of every global
 batch; gradients are averaged with an explicit all-reduce after the (one or two) backward passes,
@@ -70,6 +74,16 @@ from .checkpoints import (
 from .cnf import DIVERGENCES, NOISES
 from .conditioning import ZY_LOCATIONS
 from .data import DATASET_NAMES, ImageDataset, bits_per_dim, derived_seed, load_dataset, make_batches
+from .levers import (
+    LEVER_FIELDS,
+    PENALTIES,
+    TRAIN_METHODS,
+    LeverConfig,
+    PenaltyValues,
+    check_compatible,
+    seminorm_options,
+    with_penalties,
+)
 from .models import MODEL_KINDS, FlowModel, ModelConfig, build_model, set_divergence
 from .odefuncs import TIME_EMBEDDINGS
 from .tolerance import (
@@ -148,12 +162,21 @@ class TrainConfig:
     sample_every: int = 0
     progress_bar: bool = True
     max_num_steps: int | None = DEFAULT_MAX_NUM_STEPS
+    # The levers' settings: LeverConfig's fields of the same name and defaults (all off).
+    kinetic: float = LeverConfig.kinetic
+    jacobian: float = LeverConfig.jacobian
+    local_error: float = LeverConfig.local_error
+    stiffness: float = LeverConfig.stiffness
+    steer: float = LeverConfig.steer
+    train_method: str | None = LeverConfig.train_method
+    train_step_size: float = LeverConfig.train_step_size
 
     def __post_init__(self) -> None:
         """Refuse every bad value here, before any data is read or anything trained; each message
         names the setting, its value and the range it broke."""
         _check_tolerances(self)
         self.tolerance_config()  # validates the tolerance side
+        self.lever_config()  # validates the levers
         _check_choices(self)
         _check_counts(self)
         _check_rates(self)
@@ -188,6 +211,11 @@ class TrainConfig:
             adaptive_step=self.adaptive_step,
         )
 
+    def lever_config(self) -> LeverConfig:
+        """The run's levers (RNODE, solver penalties, STEER, fixed-grid training), from the fields
+        of the same names."""
+        return LeverConfig(**{name: getattr(self, name) for name in LEVER_FIELDS})
+
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
@@ -213,12 +241,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "time_embedding": TIME_EMBEDDINGS,
     "zy_location": ZY_LOCATIONS,
     "eval_divergence": DIVERGENCES,
+    "train_method": TRAIN_METHODS,
 }
+# Fields of CHOICES that may also be None (off).
+_OPTIONAL_CHOICES = ("train_method",)
 
 
 def _check_choices(config: TrainConfig) -> None:
     methods = PER_SAMPLE_METHODS if config.per_sample else ADAPTIVE_METHODS
     for name, choices in (*CHOICES.items(), ("method", methods)):
+        if getattr(config, name) is None and name in _OPTIONAL_CHOICES:
+            continue
         if getattr(config, name) not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(config, name)!r}")
 
@@ -303,6 +336,9 @@ def _check_combinations(config: TrainConfig) -> None:
         raise ValueError(f"device {config.device!r} is not a torch device ({exc})") from None
     if not isinstance(config.out, str) or not config.out:
         raise ValueError(f"out must be a folder name; got {config.out!r}")
+    check_compatible(
+        config.lever_config(), adjoint=config.adjoint, per_sample=config.per_sample, tolerance_mode=config.tolerance
+    )
 
 
 # 2 CPU cores, 8x8 digits: a small network, a few minutes per run.
@@ -356,7 +392,9 @@ def model_config(config: TrainConfig, image_shape: tuple[int, int, int], n_class
     """The run's :class:`ModelConfig`: every field ``TrainConfig`` shares with it (``MODEL_FIELDS``),
     ``model`` as its ``kind``, and the data's shape and classes; the rest at ModelConfig's defaults."""
     shared = {name: getattr(config, name) for name in MODEL_FIELDS}
-    return ModelConfig(kind=config.model, image_shape=image_shape, n_classes=n_classes, **shared)
+    return ModelConfig(
+        kind=config.model, image_shape=image_shape, n_classes=n_classes, levers=config.lever_config(), **shared
+    )
 
 
 def build(config: TrainConfig, image_shape: tuple[int, int, int], n_classes: int) -> FlowModel:
@@ -366,10 +404,8 @@ def build(config: TrainConfig, image_shape: tuple[int, int, int], n_classes: int
         model_config(config, image_shape, n_classes), policies, eval_policy=FixedTolerance(config.eval_tol)
     )
     if config.seminorm:
-        # Explicit adjoint options replace torchdiffeq's copy of the forward options: keep the budget.
-        budget = {} if config.max_num_steps is None else {"max_num_steps": config.max_num_steps}
         for solver in gated_solvers(model):
-            solver.adjoint_options = {"norm": "seminorm", **budget}
+            solver.adjoint_options = seminorm_options(config.max_num_steps)
     return model
 
 
@@ -521,6 +557,9 @@ def _epoch_accumulator(n_blocks: int) -> dict:
         "nfe_forward_block": [0.0] * n_blocks,
         "nfe_backward_block": [0.0] * n_blocks,
         "log10_tol": [[] for _ in range(n_blocks)],
+        # per penalty of PENALTIES: the sum of its values and the iterations that had one
+        "penalty_sums": [0.0] * len(PENALTIES),
+        "penalty_iters": [0] * len(PENALTIES),
     }
 
 
@@ -541,6 +580,8 @@ def _finish_epoch(acc: dict, ranks: Dist, device: torch.device) -> dict:
         *acc["nfe_backward_block"],
     ]
     summed = ranks.sum([float(v) for v in scalars], device)
+    penalty_sums = ranks.sum([float(v) for v in acc["penalty_sums"]], device)
+    penalty_iters = ranks.sum([float(v) for v in acc["penalty_iters"]], device)
     iters_all, images = summed[0], summed[1]
     per_iter = 1.0 / max(iters_all, 1.0)
     tol_mean, tol_std = [], []
@@ -571,6 +612,11 @@ def _finish_epoch(acc: dict, ranks: Dist, device: torch.device) -> dict:
         "nfe_forward_per_rank": ranks.gather(acc["nfe_forward"] / max(acc["iters"], 1), device),
         "tol_log10_mean": tol_mean,
         "tol_log10_std": tol_std,
+        # The levers' penalties before weighting, mean per iteration; None where off.
+        **{
+            name: total / count if count else None
+            for name, total, count in zip(PENALTIES, penalty_sums, penalty_iters, strict=True)
+        },
         "seconds": seconds,
         "images_per_second": images / seconds if seconds > 0 else None,
         "seconds_per_iteration": seconds / max(acc["iters"], 1),
@@ -692,6 +738,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, config.lr, config.gate_lr or config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.learner = ToleranceLearner(config.tolerance_config(), seed=config.seed)
+        self.levers = config.lever_config()
         self.epoch, self.batch, self.step, self.best = 0, 0, 0, None
         self.acc = _epoch_accumulator(len(self.solvers))
         self.stop = StopSignal(can_abort=self.ranks.world == 1)
@@ -740,7 +787,8 @@ class Trainer:
         self.learner.load_state_dict(state["learner"])
         restore_rng(state["rng"][self.ranks.rank].cpu(), self.device)
         self.epoch, self.batch, self.step, self.best = state["epoch"], state["batch"], state["step"], state["best"]
-        self.acc = state["accumulator"]
+        # An accumulator saved before a metric existed lacks its sums: they start at zero.
+        self.acc = {**_epoch_accumulator(len(self.solvers)), **state["accumulator"]}
 
     def _prepare_folder(self, resumed: bool, resume: bool) -> None:
         """Written only now that every check has passed: the metrics of the epochs ``last.pt``
@@ -885,6 +933,7 @@ class Trainer:
             with collect_records(model) as records:
                 output = model(batch.x, y)
             loss, parts = model.loss(output, y, config.beta, self.dataset.levels)
+            objective, penalties = with_penalties(loss, self.levers, output.regularisers, records)
             self.optimizer.zero_grad(set_to_none=True)
             # Per-sample tolerances are credited with each sample's own objective and NFE.
             reward_loss = (
@@ -892,7 +941,7 @@ class Trainer:
                 if config.per_sample
                 else loss.detach()
             )
-            self.learner.backward(loss, records, reward_loss)
+            self.learner.backward(objective, records, reward_loss)
             probe = _probe_objective(model, batch, config, self.dataset.levels)
             probe_cost = self.learner.probe(model, self.step, probe, batch.x.shape[0], self.policies)
             average_gradients(model, self.ranks)
@@ -903,7 +952,7 @@ class Trainer:
         self.step += 1
         self.batch = b + 1
         self.acc["seconds"] += time.perf_counter() - t0
-        _accumulate(self.acc, batch, loss, parts, output, records, probe_cost)
+        _accumulate(self.acc, batch, loss, parts, output, records, probe_cost, penalties)
         bar.update(1)
         bar.set_postfix(
             loss=f"{float(loss.detach()):.3f}",
@@ -961,9 +1010,13 @@ def _device(config: TrainConfig) -> torch.device:
     return device
 
 
-def _accumulate(acc: dict, batch, loss, parts, output, records, probe_cost) -> None:
+def _accumulate(acc: dict, batch, loss, parts, output, records, probe_cost, penalties: PenaltyValues) -> None:
     """Fold one completed iteration into the epoch's sums."""
     acc["iters"] += 1
+    for k, value in enumerate(penalties.as_dict().values()):
+        if value is not None:
+            acc["penalty_sums"][k] += value
+            acc["penalty_iters"][k] += 1
     acc["images"] += batch.x.shape[0]
     acc["probe_nfe_equivalent"] += probe_cost.nfe_equivalent
     acc["loss"] += float(loss.detach())
@@ -1082,6 +1135,7 @@ def summarize(config, model, out, best, dataset, test_batches, ranks) -> dict:
         "seconds_per_epoch_mean": sum(h["train"]["seconds"] for h in history) / len(history),
         "seconds_per_iteration_mean": sum(h["train"]["seconds_per_iteration"] for h in history) / len(history),
         "final_gate_log10_mean": history[-1]["train"]["tol_log10_mean"],
+        "train_penalties_mean": {name: _mean_present([h["train"].get(name) for h in history]) for name in PENALTIES},
         "recheck": {},
     }
     if config.recheck_tols:
@@ -1096,6 +1150,11 @@ def summarize(config, model, out, best, dataset, test_batches, ranks) -> dict:
     if config.sample_every and ranks.main:
         write_samples(model, dataset.n_classes, out / "samples.png")
     return summary
+
+
+def _mean_present(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
 
 
 def _print_epoch(record: dict) -> None:

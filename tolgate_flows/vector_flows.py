@@ -17,7 +17,7 @@ alone, which is what a study of solver error needs. Densities are in nats.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +25,14 @@ from torch import nn
 
 from tolgate import GatedSolver, TolerancePolicy
 
-from .cnf import CNFBlock
+from .cnf import CNFBlock, Encoding, Regularisers
 from .conditioning import (
     ClassConditionalGaussian,
     ConditionedLatent,
     LatentClassifier,
     LatentSplit,
 )
+from .levers import LeverConfig, block_kwargs, check_compatible, seminorm_options, solver_kwargs
 from .models import DEFAULT_EVAL_POLICY, MODEL_KINDS, ModelKind, PolicyFactory
 from .odefuncs import TIME_EMBEDDINGS, MLPODENet, TimeEmbedding
 
@@ -45,6 +46,10 @@ class VectorFlowConfig:
     conditional kinds. ``dropout``: the classifier's; 0 by default, since dropping half of a
     one-dimensional ``z_y`` blinds the classifier half the time. ``max_num_steps``: step budget
     per solve (a diverging solve raises :class:`~tolgate.StepBudgetExceeded` instead of hanging).
+    ``adjoint``: backward pass by the adjoint method; ``seminorm``: its error norm ignores the
+    parameters' adjoint (Kidger et al. 2021; needs ``adjoint``). ``levers``: RNODE, solver
+    penalties, STEER, fixed-grid training (:mod:`.levers`); with ``levers.train_method``,
+    ``method`` is the evaluation method.
     """
 
     kind: ModelKind = "cnf"
@@ -57,6 +62,9 @@ class VectorFlowConfig:
     method: str = "dopri5"
     max_num_steps: int | None = 1000
     dropout: float = 0.0
+    adjoint: bool = False
+    seminorm: bool = False
+    levers: LeverConfig = field(default_factory=LeverConfig)
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
@@ -68,6 +76,11 @@ class VectorFlowConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.kind != "cnf" and self.n_classes < 2:
             raise ValueError(f"a {self.kind} model needs n_classes >= 2, got {self.n_classes}")
+        if self.seminorm and not self.adjoint:
+            raise ValueError("seminorm applies to the adjoint solve: set adjoint as well")
+        if not isinstance(self.levers, LeverConfig):
+            raise TypeError(f"levers must be a LeverConfig, got {type(self.levers).__name__}")
+        check_compatible(self.levers, adjoint=self.adjoint, per_sample=False)
 
     @property
     def zy_dims(self) -> int:
@@ -79,12 +92,14 @@ class VectorFlowConfig:
 class VectorOutput:
     """What :meth:`VectorFlow.forward` returns. ``z``: ``(B, dim)``; ``log_px``: ``(B,)`` nats,
     ``log p(x | y)`` (``log p(x)`` for cnf); ``log_det``: ``(B,)`` ``log |det dz/dx|``;
-    ``logits``: ``(B, n_classes)`` of ``p(y | z_y)``, ``None`` for cnf."""
+    ``logits``: ``(B, n_classes)`` of ``p(y | z_y)``, ``None`` for cnf; ``regularisers``: RNODE's
+    integrals ``(B,)`` summed over the blocks where the levers ask for them (training mode)."""
 
     z: torch.Tensor
     log_px: torch.Tensor
     log_det: torch.Tensor
     logits: torch.Tensor | None
+    regularisers: Regularisers = field(default_factory=Regularisers)
 
 
 class VectorFlow(ConditionedLatent, nn.Module):
@@ -103,10 +118,16 @@ class VectorFlow(ConditionedLatent, nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` ``(B, dim)`` -> ``(z (B, dim), log |det dz/dx| (B,))``, one solve per block."""
-        z, logp = x, x.new_zeros(x.shape[0])
+        encoding = self.transform(x)
+        return encoding.z, encoding.log_det
+
+    def transform(self, x: torch.Tensor) -> Encoding:
+        """:meth:`encode`, with the RNODE integrals summed over the blocks."""
+        z, logp, regularisers = x, x.new_zeros(x.shape[0]), Regularisers()
         for block in self.blocks:
-            z, logp = block(z, logp)
-        return z, -logp  # each block subtracts its trace integral, i.e. adds -log|det|
+            z, logp, carried = block.solve(z, logp)
+            regularisers += carried
+        return Encoding(z, -logp, regularisers)  # each block subtracts its trace integral, i.e. adds -log|det|
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> VectorOutput:
         """``x``: ``(B, dim)``; ``y``: ``(B,)`` int64 labels (conditional kinds; ignored by cnf)."""
@@ -114,9 +135,9 @@ class VectorFlow(ConditionedLatent, nn.Module):
             raise ValueError(f"x must have shape (batch, {self.config.dim}), got {tuple(x.shape)}")
         if self.conditional:
             self._check_labels(y, x.shape[0])
-        z, log_det = self.encode(x)
+        z, log_det, regularisers = self.transform(x)
         log_pz, logits = self.latent_log_prob(z, y)
-        return VectorOutput(z=z, log_px=log_pz + log_det, log_det=log_det, logits=logits)
+        return VectorOutput(z=z, log_px=log_pz + log_det, log_det=log_det, logits=logits, regularisers=regularisers)
 
     def objective(self, out: VectorOutput, y: torch.Tensor | None, beta: float) -> torch.Tensor:
         """Per-sample training objective ``(B,)`` nats: ``-log p(x | y) + beta * CE(p(y | z_y), y)``
@@ -148,21 +169,24 @@ def build_vector_flow(
     runs that differ only in the tolerance share their initial weights (common random numbers).
     The prior and classifier are zero-initialised and need no such care.
     """
-    fields = [
+    odefuncs = [
         MLPODENet(config.dim, config.hidden, config.n_layers, config.time_embedding) for _ in range(config.n_blocks)
     ]
+    adjoint_options = seminorm_options(config.max_num_steps) if config.seminorm else None
     blocks = [
         CNFBlock(
-            field,
+            odefunc,
             GatedSolver(
-                policy_factory(index, config.dim),
-                method=config.method,
+                **solver_kwargs(config.levers, policy_factory(index, config.dim), config.method),
+                adjoint=config.adjoint,
+                adjoint_options=adjoint_options,
                 max_num_steps=config.max_num_steps,
                 eval_policy=eval_policy,
             ),
             divergence="exact",
+            **block_kwargs(config.levers),
         )
-        for index, field in enumerate(fields)
+        for index, odefunc in enumerate(odefuncs)
     ]
     return VectorFlow(config, blocks)
 
