@@ -103,6 +103,26 @@ STUDY: dict[str, tuple[str, list[str]]] = {
     "s-adaptive": ("InfoCNF, noise-matched (deterministic)", ["--model", "infocnf", "--tolerance", "adaptive"]),
 }
 
+# Issue 12's digits study: training levers alone and stacked (RNODE: fixed-grid RK4 at h = 0.25,
+# kinetic + Jacobian penalties at 0.01), same preset and 30 epochs as the tolerance study, whose
+# fixed 1e-5 (FFJORD-style) and noise-matched rows it shares. Run with --levers.
+_RNODE_PENALTIES = ["--kinetic", "0.01", "--jacobian", "0.01"]
+_RK4 = ["--train-method", "rk4", "--train-step-size", "0.25"]
+LEVERS: dict[str, tuple[str, list[str]]] = {
+    "s-fixed-1e-5": STUDY["s-fixed-1e-5"],
+    "s-adaptive": STUDY["s-adaptive"],
+    "l-rnode": (
+        "InfoCNF, RNODE: RK4 h=0.25 + kinetic + Jacobian",
+        [*STUDY["s-fixed-1e-5"][1], *_RK4, *_RNODE_PENALTIES],
+    ),
+    "l-adaptive-kj": (
+        "InfoCNF, noise-matched tolerance + kinetic + Jacobian",
+        [*STUDY["s-adaptive"][1], *_RNODE_PENALTIES],
+    ),
+    "l-rk4": ("InfoCNF, RK4 h=0.25 alone", [*STUDY["s-fixed-1e-5"][1], *_RK4]),
+    "l-kinetic-jacobian": ("InfoCNF, fixed 1e-5 + kinetic + Jacobian", [*STUDY["s-fixed-1e-5"][1], *_RNODE_PENALTIES]),
+}
+
 # Paper's Table 1 (CIFAR-10, batch 900) and the unconditional CNF of Section 4.4, for the side-by-side.
 PAPER = {
     "1-ccnf-fixed-1e-5": "33.09 / 3.511 / 924",
@@ -195,15 +215,21 @@ def main() -> None:
         action="store_true",
         help="issue 9's digits study (STUDY rows, preset cpu, 30 epochs) into docs/results/digits_tolerance",
     )
+    p.add_argument(
+        "--levers",
+        action="store_true",
+        help="issue 12's digits study (LEVERS rows, preset cpu, 30 epochs) into docs/results/digits_levers",
+    )
     p.add_argument("--common", nargs=argparse.REMAINDER, default=[], help="flags passed to every run (last)")
     args = p.parse_args()
-    if args.study:
+    if args.study or args.levers:
         args.preset, args.epochs = "cpu", 30
         if args.results == p.get_default("results"):
-            args.results = str(ROOT / "docs" / "results" / "digits_tolerance")
-    all_rows = {**ROWS, **VARIANTS, **STUDY}
+            args.results = str(ROOT / "docs" / "results" / ("digits_levers" if args.levers else "digits_tolerance"))
+    all_rows = {**ROWS, **VARIANTS, **STUDY, **LEVERS}
+    study = LEVERS if args.levers else STUDY
     if not args.report_only:
-        names = args.rows or list(STUDY if args.study else VARIANTS if args.variants else ROWS)
+        names = args.rows or list(study if args.study or args.levers else VARIANTS if args.variants else ROWS)
         # learned runs first: the gate-mean rows read their gates' means
         order = sorted(names, key=lambda n: 0 if n.startswith("3-") else 2 if n.startswith("4-") else 1)
         jobs = [(n, s) for s in args.seeds for n in order]
@@ -211,10 +237,10 @@ def main() -> None:
         with ThreadPoolExecutor(args.workers) as pool:
             for message in pool.map(lambda job: run_one(job[0], all_rows[job[0]][1], job[1], args), jobs):
                 print(message, flush=True)
-    if args.study:
+    if args.study or args.levers:
         from tolgate_flows.report import comparison_table
 
-        print(comparison_table(load_summaries(Path(args.results), STUDY)))
+        print(comparison_table(load_summaries(Path(args.results), study)))
         return
     from tolgate_flows.grid_report import write_report
 

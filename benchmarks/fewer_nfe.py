@@ -1,0 +1,110 @@
+"""Issue 12's stacked study on the 2-D testbeds: which levers cut training NFE at equal quality?
+
+    python benchmarks/fewer_nfe.py --workers 2                # the whole grid (resumable), then the report
+    python benchmarks/fewer_nfe.py --testbeds 8gaussians --arms ffjord rnode --seeds 0 \\
+        --iterations 20 --out /tmp/fn --results /tmp/fn_results   # a smoke
+    python benchmarks/fewer_nfe.py --report-only              # aggregate what is on disk
+
+Arms (``ARMS``): the reference ``ffjord`` (dopri5, fixed 1e-5, direct backpropagation), the
+fixed-tolerance frontier to 1e-1, each lever alone (RNODE's fixed-grid RK4 at h = 0.25, RNODE's
+kinetic + Jacobian penalties at lambda = 0.01, the solver's local-error and stiffness penalties
+(lambda = 0.01),
+STEER at b = 0.5, the seminorm adjoint, the noise-matched adaptive tolerance) and stacks of them.
+Every arm is evaluated the same way: dopri5 at fixed 1e-5 on the same held-out samples, test NLL
+in nats and the NFE that evaluation needs. Within a seed every arm starts from the same flow and
+sees the same batches. Runs go to ``<out>/<testbed>/<arm>/seed<k>/`` (resumable, see
+:mod:`tolgate_flows.testbed_grid`); the report (:mod:`tolgate_flows.levers_report`: training NFE
+forward + backward + probes, savings against ``ffjord``, paired NLL, the figure) to ``--results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+from tolgate_flows.levers import LeverConfig
+from tolgate_flows.levers_report import write_report
+from tolgate_flows.testbed import TestbedConfig
+from tolgate_flows.testbed_grid import Job, run_grid
+from tolgate_flows.tolerance import ToleranceConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The learned-tolerance study's 2-D presets (benchmarks/learned_tolerance.py): one block, 400 iterations.
+_TWO_D = {"kind": "cnf", "n_blocks": 1, "hidden": 32, "batch": 256, "iterations": 400, "gate_lr": 0.1}
+TESTBED_PRESETS: dict[str, dict] = {
+    "8gaussians": {"testbed": "8gaussians", **_TWO_D},
+    "checkerboard": {"testbed": "checkerboard", **_TWO_D},
+}
+
+_RNODE = {"kinetic": 0.01, "jacobian": 0.01}
+_RK4 = {"train_method": "rk4", "train_step_size": 0.25}
+_SEMINORM = {"adjoint": True, "seminorm": True}
+_FIXED = {"mode": "fixed", "train_tol": 1e-5}
+_ADAPTIVE = {"mode": "adaptive"}
+# arm -> (ToleranceConfig settings, LeverConfig settings, other TestbedConfig settings)
+ARMS: dict[str, tuple[dict, dict, dict]] = {
+    "ffjord": (_FIXED, {}, {}),
+    **{f"fixed-1e-{k}": ({"mode": "fixed", "train_tol": 10.0**-k}, {}, {}) for k in (4, 3, 2, 1)},
+    # each lever alone
+    "rk4": (_FIXED, _RK4, {}),
+    "kinetic-jacobian": (_FIXED, _RNODE, {}),
+    "local-error": (_FIXED, {"local_error": 0.01}, {}),
+    "stiffness": (_FIXED, {"stiffness": 0.01}, {}),
+    "steer": (_FIXED, {"steer": 0.5}, {}),
+    "seminorm": (_FIXED, {}, _SEMINORM),
+    "adaptive": (_ADAPTIVE, {}, {}),
+    # stacks
+    "rnode": (_FIXED, {**_RNODE, **_RK4}, {}),
+    "rnode-h0.5": (_FIXED, {**_RNODE, "train_method": "rk4", "train_step_size": 0.5}, {}),
+    "adaptive-kinetic-jacobian": (_ADAPTIVE, _RNODE, {}),
+    "adaptive-kj-local-error": (_ADAPTIVE, {**_RNODE, "local_error": 0.01}, {}),
+    "adaptive-kj-seminorm": (_ADAPTIVE, _RNODE, _SEMINORM),
+}
+
+
+def job_config(job: Job, iterations: int | None = None) -> TestbedConfig:
+    """The configuration of one grid cell."""
+    testbed, arm, seed = job
+    settings = dict(TESTBED_PRESETS[testbed])
+    if iterations is not None:
+        settings["iterations"] = iterations
+    tolerance, levers, extra = ARMS[arm]
+    return TestbedConfig(
+        **settings, **extra, seed=seed, tolerance=ToleranceConfig(**tolerance), levers=LeverConfig(**levers)
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--testbeds", nargs="+", choices=list(TESTBED_PRESETS), default=list(TESTBED_PRESETS))
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--iterations", type=int, help="override every testbed's preset (default: the preset's)")
+    parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one process and one thread each")
+    parser.add_argument("--out", type=Path, default=Path("runs/fewer_nfe"), help="run folders")
+    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / "fewer_nfe")
+    parser.add_argument("--report-only", action="store_true", help="aggregate the runs on disk; run nothing")
+    args = parser.parse_args()
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+    if not args.report_only:
+        # Seed-major: an interrupted grid has every testbed and arm at its first seeds.
+        jobs = [(testbed, arm, seed) for seed in args.seeds for testbed in args.testbeds for arm in args.arms]
+        run_grid([jobs], args.out, functools.partial(job_config, iterations=args.iterations), args.workers)
+    report = write_report(args.out, args.results, " ".join(["python", *sys.argv]))
+    for testbed, entry in report.items():
+        print(f"{testbed} (equal quality: paired test NLL within {entry['margin_nats']:.3f} nats of ffjord)")
+        for arm, saving in sorted(entry["savings"].items(), key=lambda item: -item[1]["train_nfe_saving"]):
+            verdict = "" if saving["equal_quality"] else "  (worse)"
+            print(
+                f"  {arm:26s} train NFE x{saving['train_nfe_saving']:.2f} fewer, "
+                f"eval NFE x{saving['eval_nfe_saving']:.2f} fewer, paired NLL {saving['paired_test_nll']:+.4f}{verdict}"
+            )
+    print(f"wrote {args.results / 'summary.json'} and {args.results / 'levers.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Report of the levers study (benchmarks/fewer_nfe.py): what each lever and stack saves in training.
+
+Reads the runs' ``summary.json`` (``<out>/<testbed>/<arm>/seed<k>/``, see
+:mod:`tolgate_flows.testbed_grid`). The cost of training is ``nfe_train``: forward plus backward
+evaluations per iteration, plus the probes' batch-equivalent NFE where a tolerance policy probes
+(:func:`train_cost`). Quality is the test NLL at the fixed evaluation tolerance (dopri5, 1e-5),
+compared with the reference arm (FFJORD-style training at fixed 1e-5, :data:`REFERENCE_ARM`)
+seed by seed (every arm of a seed sees the same batches and starts from the same flow). An arm
+is at *equal quality* when its paired NLL difference is at most ``max(std of the reference's
+test NLL over seeds, 0.02 nats)`` (the issue's 2-D bound, or the seed noise if larger).
+The evaluation cost (forward NFE of the test solves at 1e-5) says whether a regularised flow is
+also cheaper to use.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from . import plots
+from .testbed_report import MIN_NLL_MARGIN, _mean_std, _paired_nll, _plain_fixed, aggregate, load_runs
+
+plt = plots.plt
+
+REFERENCE_ARM = "ffjord"
+
+
+def train_cost(summary: Mapping) -> float:
+    """Training NFE per iteration: forward + backward + the probes' batch equivalent."""
+    return summary["nfe_forward"] + summary["nfe_backward"] + summary["probe_nfe_equivalent"]
+
+
+def _arm_entry(summaries: Sequence[Mapping], reference: Sequence[Mapping]) -> dict:
+    finished = [s for s in summaries if "failed" not in s]
+    entry = aggregate(summaries)
+    entry["nfe_train"] = _mean_std([train_cost(s) for s in finished])
+    entry["test_nfe_forward"] = _mean_std([s["test_nfe_forward"] for s in finished])
+    entry["paired_test_nll_vs_reference"] = _paired_nll(summaries, reference)
+    entry["adjoint"] = bool(finished and finished[0]["config"].get("adjoint"))
+    return entry
+
+
+def build_report(runs: Mapping[str, Mapping[str, Sequence[Mapping]]]) -> dict:
+    """``testbed -> {"arms": arm -> aggregate + nfe_train/test_nfe_forward/paired NLL,
+    "margin_nats", "savings": arm -> training and evaluation NFE of the reference over the arm's,
+    and whether the arm is at equal quality}``. Testbeds without a reference arm are skipped."""
+    report = {}
+    for testbed, arm_runs in runs.items():
+        reference = arm_runs.get(REFERENCE_ARM)
+        if not reference:
+            continue
+        arms = {arm: _arm_entry(summaries, reference) for arm, summaries in arm_runs.items()}
+        ref = arms[REFERENCE_ARM]
+        margin = max(ref["test_nll"]["std"] or 0.0, MIN_NLL_MARGIN)
+        savings = {}
+        for arm, entry in arms.items():
+            if entry["nfe_train"]["mean"] is None:
+                continue
+            paired = entry["paired_test_nll_vs_reference"]["mean"]
+            savings[arm] = {
+                "train_nfe_saving": ref["nfe_train"]["mean"] / entry["nfe_train"]["mean"],
+                "eval_nfe_saving": ref["test_nfe_forward"]["mean"] / entry["test_nfe_forward"]["mean"],
+                "paired_test_nll": paired,
+                "equal_quality": paired is not None and paired <= margin,
+            }
+        report[testbed] = {"arms": arms, "margin_nats": margin, "savings": savings}
+    return report
+
+
+def plot(report: Mapping[str, dict], path: Path) -> None:
+    """Per testbed: test NLL at 1e-5 against training NFE per iteration (fixed tolerances as a
+    line, every other arm a labelled point, seed std as error bars; the band is the reference's
+    NLL plus the equal-quality margin), and beside it the evaluation NFE of every arm."""
+    testbeds = list(report)
+    fig, axes = plt.subplots(len(testbeds), 2, figsize=(13, 4.6 * len(testbeds)), squeeze=False)
+    for (ax, bars), testbed in zip(axes, testbeds, strict=True):
+        arms = report[testbed]["arms"]
+        done = [n for n, a in arms.items() if a["nfe_train"]["mean"] is not None]
+        fixed = sorted((n for n in done if _on_frontier(arms[n])), key=lambda n: arms[n]["train_tol"])
+        if fixed:
+            ax.errorbar(
+                [arms[n]["nfe_train"]["mean"] for n in fixed],
+                [arms[n]["test_nll"]["mean"] for n in fixed],
+                yerr=[arms[n]["test_nll"]["std"] for n in fixed],
+                fmt="k-o",
+                capsize=3,
+                label="fixed tolerance (dopri5)",
+            )
+            for n in fixed:
+                ax.annotate(f"{arms[n]['train_tol']:.0e}", (arms[n]["nfe_train"]["mean"], arms[n]["test_nll"]["mean"]))
+        for n in done:
+            if n in fixed:
+                continue
+            ax.errorbar(
+                arms[n]["nfe_train"]["mean"],
+                arms[n]["test_nll"]["mean"],
+                xerr=arms[n]["nfe_train"]["std"],
+                yerr=arms[n]["test_nll"]["std"],
+                fmt="s",
+                capsize=3,
+                alpha=0.85,
+            )
+            ax.annotate(n, (arms[n]["nfe_train"]["mean"], arms[n]["test_nll"]["mean"]), fontsize=7)
+        ref = arms[REFERENCE_ARM]["test_nll"]["mean"]
+        ax.axhspan(ref - report[testbed]["margin_nats"], ref + report[testbed]["margin_nats"], color="g", alpha=0.1)
+        ax.set(
+            title=f"{testbed}: quality against training cost",
+            xlabel="training NFE / iteration (forward + backward + probes)",
+            ylabel="test NLL at 1e-5 (nats)",
+            xscale="log",
+        )
+        ax.legend(fontsize=7)
+        order = sorted(done, key=lambda n: arms[n]["test_nfe_forward"]["mean"])
+        bars.barh(order, [arms[n]["test_nfe_forward"]["mean"] for n in order], color="tab:blue")
+        bars.set(title=f"{testbed}: evaluation NFE at 1e-5 (dopri5)", xlabel="forward NFE per test solve")
+        bars.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _on_frontier(arm: Mapping) -> bool:
+    """A fixed-tolerance dopri5 arm without levers or adjoint: a point of the fixed-tolerance frontier."""
+    return _plain_fixed(arm) and not arm["adjoint"]
+
+
+def write_report(out: Path, results: Path, command: str) -> dict:
+    """Aggregate the runs under ``out`` into ``results/summary.json`` and ``results/levers.png``."""
+    report = build_report(load_runs(out))
+    if not report:
+        raise FileNotFoundError(f"no finished {REFERENCE_ARM!r} runs under {out}")
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "summary.json").write_text(json.dumps({"command": command, "testbeds": report}, indent=1))
+    plot(report, results / "levers.png")
+    return report
