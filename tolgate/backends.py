@@ -33,7 +33,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from .counting import CountingField, check_solution
-from .persample import PreparedSolve, from_torchdiffeq, prepare_per_sample, run_prepared, takes_sample_index
+from .persample import (
+    PreparedSolve,
+    from_torchdiffeq,
+    prepare_per_sample,
+    run_prepared,
+    takes_sample_index,
+    zero_penalties,
+)
 from .records import SolveRecord, SolveStatus
 from .tableaux import TABLEAUX
 from .torchdiffeq_backend import TorchdiffeqBackend
@@ -113,19 +120,24 @@ class PerSampleRun:
     field: CountingField | None = None
 
     def run(self, record: SolveRecord) -> State:
-        """Solve, filling ``record`` (per-sample NFE, summed steps, rows evaluated)."""
+        """Solve, filling ``record`` (per-sample NFE, summed steps, rows evaluated; with
+        ``penalties`` the ``(batch,)`` ``local_error`` and ``stiffness``)."""
         request = self.request
         field = CountingField(request.adapted_func, record, request.state_dtype)
         self.field = field
+        penalties = request.settings.penalties
         if self.problem is None:
             y0 = request.y0
             ys = tuple(y[None] for y in y0) if isinstance(y0, tuple) else y0[None]
+            sums = zero_penalties(y0) if penalties else None
         else:
-            ys, stats = run_prepared(field, self.problem, raise_on_failure=True)
+            ys, stats, sums = run_prepared(field, self.problem, raise_on_failure=True, penalties=penalties)
             record.nfe_per_sample = stats.nfe
             record.n_steps_accepted = int(stats.n_accepted.sum())
             record.n_steps_rejected = int(stats.n_rejected.sum())
             record.extra["rows_evaluated"] = int(stats.rows_evaluated)
+        if sums is not None:
+            record.local_error, record.stiffness = sums.local_error, sums.stiffness
         check_solution(ys, request.times, field, record)
         record.status = SolveStatus.SUCCESS
         record.t_reached = request.times[-1]
@@ -134,7 +146,8 @@ class PerSampleRun:
 
 class PerSampleBackend:
     """:mod:`tolgate.persample`: each sample its own adaptive steps and tolerance, rows that are
-    done leave the batch; gradients by backpropagation through the solve (no adjoint)."""
+    done leave the batch; gradients by backpropagation through the solve (no adjoint). With
+    ``penalties=True`` the record's ``local_error`` and ``stiffness`` are ``(batch,)``, one per sample."""
 
     name = "per_sample"
     methods = PER_SAMPLE_METHODS

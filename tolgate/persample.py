@@ -29,6 +29,10 @@ Fields written for ``torchdiffeq`` (``func(t, y)`` with a scalar ``t``) can be w
 Gradients: backpropagate through the solve (``loss.backward()``). Step-size decisions carry no
 gradient. The adjoint method is not supported by this backend (``adjoint=True`` raises
 ``NotImplementedError``); gradients with respect to ``t`` and the tolerances are not computed.
+
+Solver-aware penalties (:mod:`tolgate.penalties`; a :class:`~tolgate.GatedSolver` with
+``penalties=True`` asks for them through :func:`run_prepared`) come per sample, ``(batch,)``:
+each sample's sums over its own accepted steps, with its own error norm (the one above).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import torch
 
 from .checks import check_rtol_for_dtype, check_times, control_dtype
 from .sample_stats import PerSampleStats
-from .stepping import integrate, mean_square
+from .stepping import PerSamplePenalties, integrate, mean_square
 from .tableaux import ButcherTableau, get_tableau
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
@@ -122,7 +126,8 @@ def solve_per_sample(
     if on_failure not in ("raise", "status"):
         raise ValueError(f"on_failure must be 'raise' or 'status', got {on_failure!r}")
     problem = prepare_per_sample(y0, t, rtol, atol, method, max_num_steps)
-    return run_prepared(func, problem, raise_on_failure=on_failure == "raise")
+    ys, stats, _ = run_prepared(func, problem, raise_on_failure=on_failure == "raise")
+    return ys, stats
 
 
 def prepare_per_sample(
@@ -149,11 +154,14 @@ def prepare_per_sample(
     return PreparedSolve(flat0, t, rtol_rows, atol_rows, tableau, max_num_steps, unpack, norm)
 
 
-def run_prepared(func: PerSampleField, problem: PreparedSolve, raise_on_failure: bool) -> tuple[State, PerSampleStats]:
-    """Solve a :class:`PreparedSolve`; returns what :func:`solve_per_sample` returns."""
+def run_prepared(
+    func: PerSampleField, problem: PreparedSolve, raise_on_failure: bool, penalties: bool = False
+) -> tuple[State, PerSampleStats, PerSamplePenalties | None]:
+    """Solve a :class:`PreparedSolve`: what :func:`solve_per_sample` returns, and with ``penalties``
+    the per-sample solver-aware penalties (``(batch,)`` tensors, :mod:`tolgate.stepping`), else ``None``."""
     unpack = problem.unpack
     field = func if unpack is None else _packed_field(func, unpack)
-    ys, stats = integrate(
+    ys, stats, sums = integrate(
         field,
         problem.y0,
         problem.t,
@@ -163,10 +171,16 @@ def run_prepared(func: PerSampleField, problem: PreparedSolve, raise_on_failure:
         problem.max_num_steps,
         raise_on_failure,
         problem.norm,
+        penalties,
     )
-    if unpack is None:
-        return ys, stats
-    return unpack(ys), stats
+    return (ys if unpack is None else unpack(ys)), stats, sums
+
+
+def zero_penalties(y0: State) -> PerSamplePenalties:
+    """The penalties of a solve that takes no step (a single output time): zeros ``(batch,)`` in the
+    error-control dtype of ``y0`` (a tensor ``(batch, *state)`` or a tuple of them)."""
+    first = y0[0] if isinstance(y0, tuple) else y0
+    return PerSamplePenalties.zeros(first.shape[0], control_dtype(first.dtype), first.device)
 
 
 def index_aware(func: F) -> F:
