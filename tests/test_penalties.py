@@ -170,3 +170,14 @@ def test_eval_method_is_used_in_eval_mode_only():
 def test_eval_method_is_checked_by_the_backend():
     with pytest.raises(ValueError, match="method"):
         GatedSolver(FixedTolerance(1e-5), eval_method="no_such_method")
+
+
+def test_a_field_with_equal_stages_has_finite_gradients():
+    # A zero last layer makes every stage's derivative equal (zero): no NaN through sqrt(0).
+    net = _mlp(3)
+    nn.init.zeros_(net[2].weight)
+    solver = GatedSolver(FixedTolerance(1e-5), penalties=True)
+    solver(lambda t, y: net(y), torch.randn(3, 3, dtype=DTYPE), TIMES)
+    record = solver.records[-1]
+    (record.local_error + record.stiffness).backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)

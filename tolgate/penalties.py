@@ -16,7 +16,8 @@ fewer steps. Built with ``GatedSolver(..., penalties=True)``, every adaptive sol
   so the sum estimates the steps that stability, not accuracy, forces.
 
 Both are sums over the *accepted* steps of one solve (torchdiffeq steps past the last output time
-and interpolates back, so they cover the steps taken, not just ``[t0, t1]``) and carry the graph
+and interpolates back, so its sums cover the steps taken, overshoot included; the per-sample
+backend ends its last step on ``t[-1]``) and carry the graph
 of the stages they are made of, so ``loss + lam * record.local_error`` backpropagates into the
 field's parameters. The step sizes enter as constants: the gradient is that of the penalties
 along the step sequence the solver chose.
@@ -63,14 +64,14 @@ def weighted_error_norm(error: State, y0: State, y1: State, rtol: Tolerance, ato
     norms = []
     for err, a, b in zip(_tensors(error), _tensors(y0), _tensors(y1), strict=True):
         scale = _per_row(atol, a) + _per_row(rtol, a) * torch.maximum(a.abs(), b.abs())
-        norms.append((err / scale).square().mean().sqrt())
+        norms.append(_floored_sqrt((err / scale).square().mean()))
     return norms[0] if len(norms) == 1 else torch.stack(norms).max()
 
 
 def lipschitz_estimate(y_a: State, f_a: State, y_b: State, f_b: State, per_row: bool = False) -> torch.Tensor:
     """``||f_b - f_a|| / ||y_b - y_a||`` (Euclidean norms over all elements of the state), shape
     ``()``; with ``per_row`` one ratio per row of the batch, ``(batch,)``. A zero state difference
-    gives 0 (the denominator is clamped to the dtype's smallest normal number)."""
+    gives 0 (up to the floor of :func:`_floored_sqrt`)."""
 
     def squared(a: State, b: State) -> torch.Tensor:
         parts = [
@@ -80,8 +81,14 @@ def lipschitz_estimate(y_a: State, f_a: State, y_b: State, f_b: State, per_row: 
 
     numerator = squared(f_b, f_a)
     denominator = squared(y_b, y_a)
-    tiny = torch.finfo(denominator.dtype).tiny
-    return (numerator / denominator.clamp_min(tiny)).sqrt()
+    return _floored_sqrt(numerator / denominator.clamp_min(torch.finfo(denominator.dtype).tiny))
+
+
+def _floored_sqrt(square: torch.Tensor) -> torch.Tensor:
+    """``sqrt`` with its argument floored at the dtype's smallest normal number: the square root's
+    derivative at exactly 0 is infinite, and a field with two equal stages (a zero weight, say)
+    would otherwise turn the whole gradient into NaN."""
+    return square.clamp_min(torch.finfo(square.dtype).tiny).sqrt()
 
 
 class StageTape:
