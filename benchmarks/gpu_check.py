@@ -5,8 +5,9 @@
 
 Checks, each reported PASS or FAIL (a check that raises fails with the exception's message):
 
-* ``backends``: a small InfoCNF, float64, exact divergence, at a fixed tolerance, under every backend of
-  ``tolgate.solver.BACKENDS``: the same ``log p(x|y)`` and the same NFE per solve on the device as on the CPU.
+* ``backends``: a small InfoCNF, float64, exact divergence, at a fixed tolerance, under every backend
+  of ``tolgate.solver.BACKENDS`` (each once, by its own name; not the deprecated aliases): the same
+  ``log p(x|y)`` and the same NFE per solve on the device as on the CPU.
 * ``per_sample_solver``: :func:`tolgate.solve_per_sample` with one tolerance and one decay rate per sample:
   the same solution and per-sample NFE on both devices, and both near the exact solution.
 * ``train_step``: the paper's architecture (ModelConfig defaults) on synthetic CIFAR-shaped data
@@ -223,7 +224,7 @@ def train_config(sizes: Sizes, device: torch.device, out: Path, **settings: Any)
     )
     values.update(sizes.model)
     values.update(settings)
-    return TrainConfig(**values)
+    return TrainConfig.from_settings(**values)  # flat names: Sizes.model holds model settings such as hidden
 
 
 @contextlib.contextmanager

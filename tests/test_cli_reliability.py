@@ -16,11 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import tolgate_flows.train as train
 from tolgate_flows.checkpoints import check_output_folder
 from tolgate_flows.cli import main, parser
-from tolgate_flows.train import read_history
+from tolgate_flows.train import read_history, stored_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -119,6 +120,23 @@ def test_resume_with_more_epochs_continues_the_run(copy_of, capsys):
     assert status == 0, err
     assert [h["epoch"] for h in read_history(copy_of / "metrics.jsonl")] == [0, 1]
     assert json.loads((copy_of / "config.json").read_text())["epochs"] == 2
+
+
+def test_resume_of_a_run_stored_in_the_old_flat_layout_checks_and_continues_it(copy_of, capsys):
+    """Runs written before the configuration was nested stored it flat, in last.pt and config.json."""
+    state = torch.load(copy_of / "last.pt", weights_only=True)
+    state["config"] = stored_settings(state["config"])
+    torch.save(state, copy_of / "last.pt")
+    (copy_of / "config.json").write_text(json.dumps(state["config"]))
+    status, err = _main([*TINY, "--out", str(copy_of), "--resume", "--lr", "0.05", "--hidden", "8"], capsys)
+    assert status == 2
+    line = _one_error_line(err)
+    assert "--lr (stored 0.01, now 0.05)" in line and "--hidden (stored 4, now 8)" in line
+    status, err = _main(["--out", str(copy_of), "--resume", "--epochs", "2"], capsys)
+    assert status == 0, err
+    assert [h["epoch"] for h in read_history(copy_of / "metrics.jsonl")] == [0, 1]
+    written = json.loads((copy_of / "config.json").read_text())  # from now on nested
+    assert (written["epochs"], written["model"]["hidden"], written["tolerance"]["train_tol"]) == (2, 4, 1e-2)
 
 
 def test_resume_where_nothing_was_saved_starts_fresh_and_a_lone_config_json_is_no_run(tmp_path):

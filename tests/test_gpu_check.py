@@ -34,7 +34,11 @@ def test_tiny_cpu_run_passes_every_check_and_writes_the_summary(tmp_path):
         assert f"PASS {name}" in result.stderr
     step = summary["checks"]["train_step"]
     assert step["seconds_per_step"] > 0 and step["peak_memory_bytes"] is None  # no CUDA memory on the CPU
-    assert set(summary["checks"]["backends"]) >= set(gpu_check.BACKENDS)
+    assert set(summary["checks"]["backends"]) == {"passed", "seconds", *gpu_check.BACKENDS}
+
+
+def test_each_backend_is_checked_once_by_its_canonical_name():
+    assert gpu_check.BACKENDS == ("torchdiffeq", "per_sample")  # not the deprecated alias "tolgate" too
 
 
 def test_a_failing_check_prints_fail_and_exits_1(monkeypatch, capsys):

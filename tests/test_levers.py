@@ -353,11 +353,11 @@ def test_levers_refuse_what_the_run_cannot_honour() -> None:
     check_compatible(LeverConfig(kinetic=0.1, jacobian=0.1, steer=0.5), adjoint=True, per_sample=True)
     # the entry points apply the same checks
     with pytest.raises(ValueError, match="tolerance mode 'fixed'"):
-        TrainConfig(train_method="rk4", tolerance="learned")
+        TrainConfig.from_settings(train_method="rk4", tolerance="learned")
     with pytest.raises(ValueError, match="adjoint"):
-        TrainConfig(local_error=0.1, adjoint=True)
+        TrainConfig.from_settings(local_error=0.1, adjoint=True)
     with pytest.raises(ValueError, match="steer"):
-        TrainConfig(steer=2.0)
+        TrainConfig.from_settings(steer=2.0)
     with pytest.raises(ValueError, match="adjoint"):
         testbed.TestbedConfig(levers=LeverConfig(stiffness=1.0), adjoint=True)
     with pytest.raises(ValueError, match="seminorm"):
@@ -416,7 +416,7 @@ def test_every_lever_is_a_flag_with_its_default_in_the_help() -> None:
     for name in LEVER_FIELDS:
         flag = "--" + name.replace("_", "-")
         assert flag in text, flag
-        assert getattr(TrainConfig(), name) == getattr(LeverConfig(), name), name
+        assert getattr(TrainConfig().levers, name) == getattr(LeverConfig(), name), name
     assert "(default: 0.25)" in text and "(default: off, train with --method)" in text
     actions = {flag: action for action in parser()._actions for flag in action.option_strings}
     assert tuple(actions["--train-method"].choices) == TRAIN_METHODS
@@ -425,14 +425,14 @@ def test_every_lever_is_a_flag_with_its_default_in_the_help() -> None:
 def test_lever_flags_reach_the_config_and_round_trip_through_config_json(tmp_path) -> None:
     config = config_from_args(parser().parse_args([*LEVER_FLAGS, "--out", str(tmp_path)]))
     expected = LeverConfig(kinetic=0.01, jacobian=0.03, steer=0.5, train_method="rk4", train_step_size=0.125)
-    assert config.lever_config() == expected
+    assert config.levers == expected
     penalties = config_from_args(parser().parse_args(["--local-error", "0.2", "--stiffness", "0.1"]))
-    assert (penalties.local_error, penalties.stiffness) == (0.2, 0.1)
+    assert (penalties.levers.local_error, penalties.levers.stiffness) == (0.2, 0.1)
     (tmp_path / "config.json").write_text(json.dumps(asdict(config)))
     resumed = config_from_args(parser().parse_args(["--resume", "--out", str(tmp_path)]))
     assert resumed == config
     # a lever changed on resume is refused; a configuration written before the levers existed resumes
-    assert any("--kinetic" in p for p in resume_conflicts(asdict(config), asdict(resumed) | {"kinetic": 0.5}, 1))
-    old = {k: v for k, v in asdict(TrainConfig(out=str(tmp_path))).items() if k not in LEVER_FIELDS}
+    assert any("--kinetic" in p for p in resume_conflicts(config.settings(), resumed.settings() | {"kinetic": 0.5}, 1))
+    old = {k: v for k, v in TrainConfig(out=str(tmp_path)).settings().items() if k not in LEVER_FIELDS}
     (tmp_path / "config.json").write_text(json.dumps(old))
-    assert config_from_args(parser().parse_args(["--resume", "--out", str(tmp_path)])).lever_config() == LeverConfig()
+    assert config_from_args(parser().parse_args(["--resume", "--out", str(tmp_path)])).levers == LeverConfig()

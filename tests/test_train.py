@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tolgate_flows.cli import config_from_args, parser
-from tolgate_flows.train import TrainConfig, read_history, run
+from tolgate_flows.train import TrainConfig, read_history, run, stored_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +29,15 @@ TINY = dict(
 )
 
 
+def _store_flat(out: Path) -> None:
+    """Rewrite the run's stored configuration in the flat layout runs wrote before it was nested."""
+    state = torch.load(out / "last.pt", weights_only=True)
+    state["config"] = stored_settings(state["config"])
+    assert "hidden" in state["config"] and state["config"]["model"] == "infocnf"
+    torch.save(state, out / "last.pt")
+    (out / "config.json").write_text(json.dumps(state["config"]))
+
+
 def _strip_timing(history):
     for h in history:
         for key in ("seconds", "images_per_second", "seconds_per_iteration"):
@@ -36,7 +46,7 @@ def _strip_timing(history):
 
 
 def test_few_iterations_lower_the_loss(tmp_path):
-    config = TrainConfig(
+    config = TrainConfig.from_settings(
         **TINY, model="infocnf", tolerance="learned", epochs=3, max_train_batches=4, out=str(tmp_path / "run")
     )
     summary = run(config)
@@ -48,14 +58,22 @@ def test_few_iterations_lower_the_loss(tmp_path):
     assert all(m is not None for m in history[-1]["train"]["tol_log10_mean"])
     assert (tmp_path / "run" / "best.pt").exists() and (tmp_path / "run" / "curves.png").exists()
     assert summary["selected_epoch"] in (0, 1, 2)
+    # config.json and the summary hold the nested configuration, the model sized for the data
+    written = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert written["model"]["kind"] == "infocnf" and written["model"]["image_shape"] == [1, 8, 8]
+    assert written["tolerance"]["mode"] == "learned" and "hidden" not in written
+    assert TrainConfig.from_dict(written) == config.for_data((1, 8, 8), 10)
+    assert json.loads(json.dumps(summary["config"])) == written
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """Also from a run whose last.pt and config.json hold the flat configuration of earlier versions."""
     common = dict(TINY, model="infocnf", tolerance="learned", epochs=2, max_train_batches=3)
-    run(TrainConfig(**common, out=str(tmp_path / "straight")))
-    interrupted = run(TrainConfig(**common, out=str(tmp_path / "resumed")), stop_after_batches=4)
+    run(TrainConfig.from_settings(**common, out=str(tmp_path / "straight")))
+    interrupted = run(TrainConfig.from_settings(**common, out=str(tmp_path / "resumed")), stop_after_batches=4)
     assert interrupted["interrupted"]
-    run(TrainConfig(**common, out=str(tmp_path / "resumed")), resume=True)
+    _store_flat(tmp_path / "resumed")
+    run(TrainConfig.from_settings(**common, out=str(tmp_path / "resumed")), resume=True)
     straight = _strip_timing(read_history(tmp_path / "straight" / "metrics.jsonl"))
     resumed = _strip_timing(read_history(tmp_path / "resumed" / "metrics.jsonl"))
     assert straight == resumed
@@ -117,20 +135,18 @@ def test_cifar_without_data_explains_where_to_put_it(tmp_path):
 
 def test_bad_configuration_is_refused():
     with pytest.raises(ValueError, match="tolerance"):
-        TrainConfig(tolerance="sometimes")
+        TrainConfig.from_settings(tolerance="sometimes")
     with pytest.raises(ValueError, match="gate_mean_log10"):
-        TrainConfig(tolerance="gate-mean")
+        TrainConfig.from_settings(tolerance="gate-mean")
     with pytest.raises(ValueError, match="train_tol"):
-        TrainConfig(train_tol=0.0)
+        TrainConfig.from_settings(train_tol=0.0)
 
 
 def test_seeded_evaluation_is_repeatable_and_leaves_the_training_stream_alone():
-    import torch
-
     from tolgate_flows.data import load_dataset, make_batches
     from tolgate_flows.train import Dist, build, evaluate
 
-    config = TrainConfig(**TINY, model="infocnf")
+    config = TrainConfig.from_settings(**TINY, model="infocnf")
     dataset = load_dataset("digits")
     model = build(config, dataset.image_shape, dataset.n_classes)
     batches = make_batches(dataset, "test", 64, seed=0)
@@ -159,14 +175,16 @@ def test_levers_reach_the_loss_and_the_metrics(tmp_path, levers, on):
     """RNODE on rk4 (h = 0.25: 16 evaluations per block and solve, 3 blocks), or the solver's
     penalties with STEER: every weighted penalty is logged per iteration, the others are None,
     and evaluation still solves with dopri5 at --eval-tol."""
-    config = TrainConfig(**TINY, model="cnf", epochs=1, max_train_batches=2, out=str(tmp_path / "run"), **levers)
+    config = TrainConfig.from_settings(
+        **TINY, model="cnf", epochs=1, max_train_batches=2, out=str(tmp_path / "run"), **levers
+    )
     summary = run(config)
     record = read_history(tmp_path / "run" / "metrics.jsonl")[0]
     train = record["train"]
     for name in ("kinetic", "jacobian", "local_error", "stiffness"):
         assert (train[name] is not None and train[name] > 0) == (name in on), name
         assert summary["train_penalties_mean"][name] == train[name]
-    if config.train_method == "rk4":
+    if config.levers.train_method == "rk4":
         assert train["nfe_forward"] == 3 * 16 and train["nfe_backward"] == 3 * 16
         assert train["tol_log10_mean"] == [None, None, None]
     assert record["test"]["nfe_forward"] > 0 and math.isfinite(record["test"]["bpd_cond"])

@@ -191,17 +191,20 @@ class PerSampleBackend:
 
 _BACKENDS: dict[str, type] = {"torchdiffeq": TorchdiffeqBackend, "per_sample": PerSampleBackend}
 _ALIASES = {"tolgate": "per_sample"}
-#: the names a GatedSolver's ``backend`` accepts (``"tolgate"``: deprecated alias of ``"per_sample"``)
-BACKENDS = tuple(_BACKENDS) + tuple(_ALIASES)
+#: the backends, each once by its own name
+BACKENDS = tuple(_BACKENDS)
+#: every name a GatedSolver's ``backend`` accepts: :data:`BACKENDS` and the deprecated aliases
+#: (``"tolgate"`` for ``"per_sample"``)
+BACKEND_NAMES = BACKENDS + tuple(_ALIASES)
 
 
 def get_backend(backend: str | Backend) -> Backend:
-    """The backend object for a name in :data:`BACKENDS`, or ``backend`` itself if it is one."""
+    """The backend object for a name in :data:`BACKEND_NAMES`, or ``backend`` itself if it is one."""
     if not isinstance(backend, str):
         return backend
     if backend in _ALIASES:
         warnings.warn(f"backend={backend!r} is deprecated; use {_ALIASES[backend]!r}", DeprecationWarning, stacklevel=3)
         backend = _ALIASES[backend]
     if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
     return _BACKENDS[backend]()

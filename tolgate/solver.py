@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backends import BACKENDS, PER_SAMPLE_METHODS, Backend, Run, SolveRequest, get_backend
+from .backends import BACKEND_NAMES, BACKENDS, PER_SAMPLE_METHODS, Backend, Run, SolveRequest, get_backend
 from .checks import check_times, state_dtype_of
 from .counting import attach_record, non_finite, time_of
 from .errors import NonFiniteStateError, SolveError, StepBudgetExceeded, StepSizeUnderflow
@@ -29,6 +29,7 @@ from .torchdiffeq_backend import ADAPTIVE_METHODS, FIXED_GRID_METHODS, METHODS
 
 __all__ = [
     "ADAPTIVE_METHODS",
+    "BACKEND_NAMES",
     "BACKENDS",
     "FIXED_GRID_METHODS",
     "METHODS",

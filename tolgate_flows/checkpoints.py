@@ -8,7 +8,9 @@ The rule this module enforces is that nothing a run wrote is ever deleted or sil
 * ``resume`` continues from ``last.pt``; without one it starts a fresh run only where nothing was
   ever saved, and refuses a folder whose outputs it could not continue;
 * a resumed run may change only the settings in ``RESUME_MAY_CHANGE``; anything else that differs
-  from the stored configuration is refused, naming the flag and both values.
+  from the stored configuration is refused, naming the flag and both values. Settings are compared
+  by their flat names (the flags'; :func:`tolgate_flows.train.stored_settings` reads them from a
+  stored configuration in the nested layout or in the flat one of earlier runs).
 
 ``metrics.jsonl`` is appended one line per epoch, so a crash mid-write leaves a torn last line: it
 is dropped with a warning (the resumed run writes that epoch again). A damaged line anywhere else
@@ -32,10 +34,10 @@ METRICS_FILE = "metrics.jsonl"
 # Everything a run writes apart from config.json; any of them marks the folder as holding a run.
 RUN_OUTPUTS = (METRICS_FILE, LAST_CHECKPOINT, "best.pt", "summary.json", "curves.png", "tolerances.png", "samples.png")
 
-# Settings a resumed run may change: where and how it runs, how long, and what it evaluates and
-# writes at the end. Everything else shapes the training trajectory (or the meaning of the metrics
-# already logged) and must equal the stored value. ``epochs`` is the exception under a scheduled
-# tolerance, whose schedule spans the run (see :func:`resume_conflicts`).
+# Settings (flat names) a resumed run may change: where and how it runs, how long, and what it
+# evaluates and writes at the end. Everything else shapes the training trajectory (or the meaning of
+# the metrics already logged) and must equal the stored value. ``epochs`` is the exception under a
+# scheduled tolerance, whose schedule spans the run (see :func:`resume_conflicts`).
 RESUME_MAY_CHANGE = frozenset(
     {
         "epochs",
@@ -97,7 +99,8 @@ def check_output_folder(out: Path, resume: bool) -> bool:
 
 def stored_config(out: Path) -> dict[str, Any] | None:
     """The configuration of the run in ``out``: that of ``last.pt`` (what its state was trained
-    with), else ``config.json``, else ``None``."""
+    with), else ``config.json``, else ``None``. It is as the run wrote it: nested, or flat if an
+    earlier version wrote it (:meth:`tolgate_flows.train.TrainConfig.from_dict` reads both)."""
     if (out / LAST_CHECKPOINT).exists():
         config = load_checkpoint(out / LAST_CHECKPOINT, torch.device("cpu")).get("config")
         if isinstance(config, dict):
@@ -116,7 +119,8 @@ def stored_config(out: Path) -> dict[str, Any] | None:
 
 def resume_conflicts(stored: Mapping[str, Any], new: Mapping[str, Any], completed_epochs: int) -> list[str]:
     """Why ``new`` cannot continue a run stored with ``stored``: one phrase per refused setting
-    (flag, stored value, new value); empty when it can. Settings the stored configuration lacks
+    (flag, stored value, new value); empty when it can. Both map flat setting names to values
+    (``TrainConfig.settings()``, ``stored_settings``). Settings the stored configuration lacks
     (written by an older version) are not compared."""
     problems = [
         f"{flag_of(name)} (stored {stored[name]!r}, now {value!r})"

@@ -1,9 +1,13 @@
 """Command line of the training entry point (benchmarks/cifar_infocnf.py).
 
-Every :class:`~tolgate_flows.train.TrainConfig` field has a flag, derived from the field's type and,
-for a fixed set of values, from :data:`~tolgate_flows.train.CHOICES`; its help shows the value a run
-uses when the flag is left out (the field's default, and each preset's where it differs). Without
-``--preset`` a fresh run starts from its dataset's preset (``DATASET_PRESETS``: cpu for digits).
+Every setting of :class:`~tolgate_flows.train.TrainConfig` has one flag: its own fields and those
+of its nested model, levers and tolerance configurations, by the flat names of
+:data:`~tolgate_flows.train.SETTINGS` (``--hidden`` sets ``model.hidden``, ``--model`` the model's
+``kind``, ``--tolerance`` the tolerance ``mode``). Each flag is derived from the declaring field's
+type and, for a fixed set of values, from :data:`~tolgate_flows.train.CHOICES`; its help shows the
+value a run uses when the flag is left out (the run's default, and each preset's where it
+differs). Without ``--preset`` a fresh run starts from its dataset's preset (``DATASET_PRESETS``:
+cpu for digits).
 User errors (a bad value, a missing data file, a refused output folder, a solve that broke its
 step budget) print one line ``error: <message>`` to stderr and exit with status 2, as argparse
 does; a traceback means a bug. Ctrl-C exits with status 130 after saving (see
@@ -18,7 +22,6 @@ import sys
 import textwrap
 import types
 import typing
-from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -31,10 +34,12 @@ from .train import (
     DATASET_PRESETS,
     NO_PRESET,
     PRESETS,
+    SETTINGS,
     STOP_GRACE_SECONDS,
     TrainConfig,
     gate_mean_from_run,
     run,
+    with_settings,
 )
 
 # The README's main job: Table 1's three rows on the bundled digits, then the question the
@@ -48,8 +53,8 @@ COMPARISON: tuple[tuple[str, dict], ...] = (
     ("infocnf-learned", dict(model="infocnf", tolerance="learned", estimator="probe")),
     ("infocnf-adaptive", dict(model="infocnf", tolerance="adaptive")),
 )
-_DEFAULTS = TrainConfig()
-DEFAULT_OUT = _DEFAULTS.out
+_DEFAULT_SETTINGS = TrainConfig().settings()
+DEFAULT_OUT = _DEFAULT_SETTINGS["out"]
 DATASET_PRESETS_TEXT = ", ".join(f"{preset} for --dataset {name}" for name, preset in DATASET_PRESETS.items())
 # Exit statuses: argparse's for a refused command line, the shell's for Ctrl-C.
 EXIT_USER_ERROR = 2
@@ -108,8 +113,8 @@ def _show(name: str, value: Any) -> str:
 
 
 def default_text(name: str) -> str:
-    """``(default: X; preset P Y, ...)``: the value a run uses for field ``name`` when its flag is left out."""
-    default = _field_default(name)
+    """``(default: X; preset P Y, ...)``: the value a run uses for setting ``name`` when its flag is left out."""
+    default = _DEFAULT_SETTINGS[name]
     text = f"default: {_show(name, default)}"
     differing = [
         f"{preset} {_show(name, values[name])}"
@@ -121,12 +126,8 @@ def default_text(name: str) -> str:
     return f"({text})".replace("%", "%%")
 
 
-def _field_default(name: str) -> Any:
-    return getattr(_DEFAULTS, name)
-
-
-# What each field's flag does, where its name does not say it all. The flags themselves, their types
-# and their choices are derived from TrainConfig and CHOICES (see :func:`field_arguments`).
+# What each setting's flag does, where its name does not say it all. The flags themselves, their types
+# and their choices are derived from SETTINGS and CHOICES (see :func:`field_arguments`).
 _HELP = {
     "data_dir": "folder holding cifar-10-batches-bin (or -py) / the MNIST IDX files",
     "train_tol": "fixed training tolerance; start of schedules and gates",
@@ -181,14 +182,14 @@ _HELP = {
     "(needs --tolerance fixed)",
     "train_step_size": "step of --train-method, in time units (0.25: 4 steps over [0, 1])",
 }
-# Fields set through a flag of another form: --no-progress, --gate-mean-from (see _add_special_flags).
+# Settings given through a flag of another form: --no-progress, --gate-mean-from (see parser).
 _SPECIAL_FIELDS = ("progress_bar", "gate_mean_log10")
 
 
 def field_arguments(name: str) -> dict[str, Any]:
-    """``add_argument`` keywords of the field ``name``, from its type and :data:`CHOICES`. Every flag
+    """``add_argument`` keywords of the setting ``name``, from its type and :data:`CHOICES`. Every flag
     defaults to ``None`` (left out), so a run can tell a given value from a default."""
-    hint = typing.get_type_hints(TrainConfig)[name]
+    hint = SETTINGS[name].hint
     optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
     base = [a for a in typing.get_args(hint) if a is not type(None)] if optional else [hint]
     kind = base[0] if len(base) == 1 else hint
@@ -202,11 +203,11 @@ def field_arguments(name: str) -> dict[str, Any]:
 
 
 def _add_field_flags(p: argparse.ArgumentParser) -> None:
-    for f in fields(TrainConfig):
-        if f.name in _SPECIAL_FIELDS:
+    for name in SETTINGS:
+        if name in _SPECIAL_FIELDS:
             continue
-        text = f"{_HELP.get(f.name, '')} {default_text(f.name)}".strip()
-        p.add_argument(flag_of(f.name), dest=f.name, help=text, **field_arguments(f.name))
+        text = f"{_HELP.get(name, '')} {default_text(name)}".strip()
+        p.add_argument(flag_of(name), dest=name, help=text, **field_arguments(name))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -246,16 +247,16 @@ def preset_of(args: argparse.Namespace, stored: dict[str, Any] | None) -> str | 
         return None if args.preset == NO_PRESET else args.preset
     if stored:
         return None
-    return DATASET_PRESETS.get(args.dataset or _DEFAULTS.dataset)
+    return DATASET_PRESETS.get(args.dataset or _DEFAULT_SETTINGS["dataset"])
 
 
 def explicit_values(args: argparse.Namespace, preset: str | None = None) -> dict[str, Any]:
-    """The settings the command line names: ``preset``'s, then every flag given."""
+    """The settings the command line names, by flat name: ``preset``'s, then every flag given."""
     values = dict(PRESETS[preset]) if preset else {}
-    for f in fields(TrainConfig):
-        flag = getattr(args, f.name, None)
+    for name in SETTINGS:
+        flag = getattr(args, name, None)
         if flag is not None:
-            values[f.name] = flag
+            values[name] = flag
     if args.no_progress:
         values["progress_bar"] = False
     if args.gate_mean_from:
@@ -265,16 +266,12 @@ def explicit_values(args: argparse.Namespace, preset: str | None = None) -> dict
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
     """The run's configuration: defaults (with ``--resume``, the stored run's configuration
-    instead), then the preset (:func:`preset_of`), the flags given and ``overrides``."""
+    instead, in either layout), then the preset (:func:`preset_of`), the flags given and
+    ``overrides`` (flat names)."""
     out = overrides.get("out") or args.out or DEFAULT_OUT
     stored = stored_config(Path(out)) if args.resume else None
-    explicit = {**explicit_values(args, preset_of(args, stored)), **overrides}
-    values = asdict(_DEFAULTS)
-    if stored:
-        values.update({k: v for k, v in stored.items() if k in values})
-    values.update(explicit)
-    values["out"] = out
-    return TrainConfig.from_dict(values)
+    explicit = {**explicit_values(args, preset_of(args, stored)), **overrides, "out": out}
+    return TrainConfig.from_dict(with_settings(stored or {}, explicit))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -295,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
 def _user_message(exc: BaseException) -> str:
     message = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, StepBudgetExceeded):
-        message += f" (raise --max-num-steps, default {_field_default('max_num_steps')}, or loosen the tolerance)"
+        message += f" (raise --max-num-steps, default {_DEFAULT_SETTINGS['max_num_steps']}, or loosen the tolerance)"
     return message
 
 

@@ -105,7 +105,7 @@ class LeverConfig:
         return cls(**values)
 
 
-#: LeverConfig's field names (the flat fields of a TrainConfig that mirror it)
+#: LeverConfig's field names (each is also its setting's flat name and flag: ``kinetic``, ``--kinetic``)
 LEVER_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LeverConfig))
 
 

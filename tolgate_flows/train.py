@@ -34,15 +34,18 @@ from __future__ import annotations
 import _thread
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -56,7 +59,7 @@ from tolgate import (
     gated_solvers,
     set_progress,
 )
-from tolgate.solver import ADAPTIVE_METHODS, BACKENDS, PER_SAMPLE_METHODS
+from tolgate.solver import ADAPTIVE_METHODS, BACKEND_NAMES, PER_SAMPLE_METHODS
 
 from . import plots
 from .checkpoints import (
@@ -75,7 +78,6 @@ from .cnf import DIVERGENCES, NOISES
 from .conditioning import ZY_LOCATIONS
 from .data import DATASET_NAMES, ImageDataset, bits_per_dim, derived_seed, load_dataset, make_batches
 from .levers import (
-    LEVER_FIELDS,
     PENALTIES,
     TRAIN_METHODS,
     LeverConfig,
@@ -103,18 +105,40 @@ from .tolerance import (
 DEFAULT_MAX_NUM_STEPS = 1000
 
 
+def _run_model() -> ModelConfig:
+    """The model a run trains by default: ModelConfig's defaults with the run's step budget."""
+    return ModelConfig(max_num_steps=DEFAULT_MAX_NUM_STEPS)
+
+
+def _run_tolerance() -> ToleranceConfig:
+    """The tolerance side of a run by default: ToleranceConfig's defaults with probes of 16 rows, the
+    entry point's since the digits study (issue 9; the testbeds keep ToleranceConfig's 32)."""
+    return ToleranceConfig(probe_size=16)
+
+
 @dataclass
 class TrainConfig:
-    """Every knob of a run. Tolerances are rtol = atol; ``alpha`` prices one NFE (Eq. 6)."""
+    """Every knob of a run: the training loop's own here, the model's in ``model`` (a
+    :class:`ModelConfig`; the levers are ``model.levers``), the tolerance side's in ``tolerance`` (a
+    :class:`ToleranceConfig`). Tolerances are rtol = atol; ``tolerance.alpha`` prices one NFE (Eq. 6).
+
+    Some nested fields belong to the run, not to the part that declares them: ``tolerance.epochs``,
+    ``tolerance.per_sample`` and ``tolerance.reference_tol`` are set here from ``epochs``,
+    ``model.backend`` and ``eval_tol`` (probes compare with the evaluation tolerance), whatever they
+    were given as; ``model.image_shape`` and ``model.n_classes`` are the data's, set by the trainer
+    once it has loaded it (:meth:`for_data`).
+
+    The command line names every setting by a flat name (:data:`SETTINGS`: ``--hidden`` is
+    ``model.hidden``, ``--model`` is ``model.kind``, ``--tolerance`` is ``tolerance.mode``);
+    :meth:`from_settings` builds a configuration from those names and :meth:`from_dict` reads a
+    stored one in the nested layout or in the flat one of runs written before it.
+    """
 
     dataset: str = "digits"
     data_dir: str | None = None
-    model: str = ModelConfig.kind
-    tolerance: str = "fixed"
-    train_tol: float = 1e-5
+    model: ModelConfig = field(default_factory=_run_model)
+    tolerance: ToleranceConfig = field(default_factory=_run_tolerance)
     eval_tol: float = 1e-5
-    schedule_end_tol: float = 1e-4
-    gate_mean_log10: list[float] | None = None
     batch_size: int = 256
     epochs: int = 10
     lr: float = 1e-3
@@ -124,33 +148,10 @@ class TrainConfig:
     warmup_iters: int = 0
     grad_clip: float | None = None
     beta: float = 0.5
-    alpha: float = 0.01
-    baseline_momentum: float = 0.9
-    reward_backward_nfe: bool = False
-    reward_loss_weight: float = 1.0
-    estimator: str = "probe"
-    probe_every: int = 10
-    probe_size: int = 16
-    probe_draws: int = 4
-    budget_fraction: float = 0.1
-    penalty: float = 1.0
-    multiplier_lr: float = 0.0
-    adaptive_step: float = 0.5
     seed: int = 0
     device: str = "cpu"
     out: str = "runs/default"
-    # The model's settings: ModelConfig's fields of the same name (``model`` is its ``kind``) and defaults.
-    hidden: int = ModelConfig.hidden
-    n_flows: int = ModelConfig.n_flows
-    n_scales: int | None = ModelConfig.n_scales
-    method: str = ModelConfig.method
-    adjoint: bool = ModelConfig.adjoint
     seminorm: bool = False
-    backend: str = ModelConfig.backend
-    noise: str = ModelConfig.noise
-    time_embedding: str = ModelConfig.time_embedding
-    zy_fraction: float = ModelConfig.zy_fraction
-    zy_location: str = ModelConfig.zy_location
     eval_divergence: str = "hutchinson"
     eval_draws: int = 1
     eval_noise_seed: int | None = None
@@ -161,73 +162,205 @@ class TrainConfig:
     recheck_tols: list[float] = field(default_factory=list)
     sample_every: int = 0
     progress_bar: bool = True
-    max_num_steps: int | None = DEFAULT_MAX_NUM_STEPS
-    # The levers' settings: LeverConfig's fields of the same name and defaults (all off).
-    kinetic: float = LeverConfig.kinetic
-    jacobian: float = LeverConfig.jacobian
-    local_error: float = LeverConfig.local_error
-    stiffness: float = LeverConfig.stiffness
-    steer: float = LeverConfig.steer
-    train_method: str | None = LeverConfig.train_method
-    train_step_size: float = LeverConfig.train_step_size
 
     def __post_init__(self) -> None:
         """Refuse every bad value here, before any data is read or anything trained; each message
         names the setting, its value and the range it broke."""
+        _check_parts(self)
         _check_tolerances(self)
-        self.tolerance_config()  # validates the tolerance side
-        self.lever_config()  # validates the levers
         _check_choices(self)
         _check_counts(self)
         _check_rates(self)
+        self.tolerance = replace(
+            self.tolerance, epochs=self.epochs, per_sample=self.per_sample, reference_tol=self.eval_tol
+        )
         _check_combinations(self)
 
     @property
     def per_sample(self) -> bool:
         """Does the run use the per-sample backend (``"per_sample"``, or its old name ``"tolgate"``)?"""
-        return self.backend in ("per_sample", "tolgate")
+        return self.model.backend in ("per_sample", "tolgate")
 
-    def tolerance_config(self) -> ToleranceConfig:
-        """The tolerance side of the run; probes use the evaluation tolerance as their reference."""
-        return ToleranceConfig(
-            mode=self.tolerance,
-            train_tol=self.train_tol,
-            schedule_end_tol=self.schedule_end_tol,
-            epochs=self.epochs,
-            gate_mean_log10=self.gate_mean_log10,
-            per_sample=self.per_sample,
-            estimator=self.estimator,
-            alpha=self.alpha,
-            baseline_momentum=self.baseline_momentum,
-            reward_loss_weight=self.reward_loss_weight,
-            reward_backward_nfe=self.reward_backward_nfe,
-            probe_every=self.probe_every,
-            probe_size=self.probe_size,
-            probe_draws=self.probe_draws,
-            budget_fraction=self.budget_fraction,
-            penalty=self.penalty,
-            multiplier_lr=self.multiplier_lr,
-            reference_tol=self.eval_tol,
-            adaptive_step=self.adaptive_step,
-        )
+    @property
+    def levers(self) -> LeverConfig:
+        """The run's levers (RNODE, solver penalties, STEER, fixed-grid training): the model's."""
+        return self.model.levers
 
-    def lever_config(self) -> LeverConfig:
-        """The run's levers (RNODE, solver penalties, STEER, fixed-grid training), from the fields
-        of the same names."""
-        return LeverConfig(**{name: getattr(self, name) for name in LEVER_FIELDS})
+    def settings(self) -> dict[str, Any]:
+        """Every setting by its flat name (:data:`SETTINGS`): the run as the command line sees it."""
+        return {name: setting.get(self) for name, setting in SETTINGS.items()}
+
+    def for_data(self, image_shape: tuple[int, int, int], n_classes: int) -> TrainConfig:
+        """This configuration with the model sized for the data: its image shape and class count."""
+        return replace(self, model=replace(self.model, image_shape=tuple(image_shape), n_classes=n_classes))
 
     @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+    def from_settings(cls, **settings: Any) -> TrainConfig:
+        """The run's defaults with ``settings`` (flat names, as flags and presets give them:
+        ``hidden=8, tolerance="learned"``); a name that is no setting is refused."""
+        return cls.from_dict(with_settings({}, settings))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Inverse of ``dataclasses.asdict``, also for the flat layout of earlier runs
+        (:func:`upgrade_config`). Settings ``values`` lacks take the run's defaults; keys that are
+        no setting (of a version that had them) are ignored."""
+        return _build(cls, _merged(asdict(cls()), upgrade_config(values)))
 
 
-# TrainConfig's fields that are ModelConfig's, passed to it as they are (``model`` becomes its ``kind``).
-MODEL_FIELDS: tuple[str, ...] = tuple(
-    f.name for f in fields(ModelConfig) if f.name in {g.name for g in fields(TrainConfig)} and f.name != "kind"
+# ----------------------------------------------------------------------------- flat names
+
+# Nested fields whose flat name is not their own: the flags --model and --tolerance name the kind and the mode.
+_RENAMED: dict[tuple[str, ...], str] = {("model", "kind"): "model", ("tolerance", "mode"): "tolerance"}
+# Nested fields without a flag: those the run sets (see TrainConfig) ...
+_SET_BY_RUN = frozenset(
+    {
+        ("model", "image_shape"),
+        ("model", "n_classes"),
+        ("tolerance", "epochs"),
+        ("tolerance", "per_sample"),
+        ("tolerance", "reference_tol"),
+    }
 )
+# ... and those the command line leaves at their class's defaults (the Python API may set them).
+_NOT_OFFERED = frozenset(
+    {
+        ("model", "odefunc_layers"),
+        ("model", "divergence"),
+        ("model", "logit_alpha"),
+        ("model", "dropout"),
+        ("tolerance", "exploration_std"),
+        ("tolerance", "tolerance_low"),
+        ("tolerance", "tolerance_high"),
+    }
+)
+UNFLAGGED: frozenset[tuple[str, ...]] = _SET_BY_RUN | _NOT_OFFERED
 
-# Every field with a fixed set of values, read from the module that declares the set; the command
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of the command line: its flat name (the flag's, and the key under which runs
+    written before the configuration was nested stored it), its place in a :class:`TrainConfig`
+    (``("model", "levers", "kinetic")``) and its type as the declaring dataclass states it."""
+
+    name: str
+    path: tuple[str, ...]
+    hint: Any
+
+    def get(self, config: object) -> Any:
+        for key in self.path:
+            config = getattr(config, key)
+        return config
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _settings(cls: type, prefix: tuple[str, ...] = ()) -> Iterator[Setting]:
+    """Every leaf field below ``cls`` that has a flag, in declaration order; a field whose type is a
+    dataclass is a nested configuration, walked in its place."""
+    for f in fields(cls):
+        path, hint = (*prefix, f.name), _hints(cls)[f.name]
+        if is_dataclass(hint):
+            yield from _settings(hint, path)
+        elif path not in UNFLAGGED:
+            yield Setting(_RENAMED.get(path, f.name), path, hint)
+
+
+def _by_name(settings: Iterator[Setting]) -> dict[str, Setting]:
+    index: dict[str, Setting] = {}
+    for setting in settings:
+        if setting.name in index:
+            raise TypeError(
+                f"{'.'.join(index[setting.name].path)} and {'.'.join(setting.path)} would share the flag name "
+                f"{setting.name!r}: give one another name in _RENAMED, or list it in _SET_BY_RUN or _NOT_OFFERED"
+            )
+        index[setting.name] = setting
+    return index
+
+
+#: flat name -> setting, for every field of a TrainConfig and of its nested parts that has a flag
+SETTINGS: dict[str, Setting] = _by_name(_settings(TrainConfig))
+
+
+def upgrade_config(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored configuration in the nested layout (a copy). Runs written before the configuration
+    was nested stored every setting at the top level by its flat name (``"model": "infocnf"``,
+    ``"hidden": 16``, ``"kinetic": 0.0``); each such key moves to its place (``{"model": {"kind":
+    "infocnf", "hidden": 16, "levers": {"kinetic": 0.0}}}``). A nested configuration comes back as
+    it was; keys that are no setting stay, for the reader to ignore."""
+    nested = {key: asdict(value) if is_dataclass(value) else copy.deepcopy(value) for key, value in values.items()}
+    flat = {
+        name: nested.pop(name)
+        for name, setting in SETTINGS.items()
+        if len(setting.path) > 1 and name in nested and not isinstance(nested[name], Mapping)
+    }
+    for name, value in flat.items():
+        _put(nested, SETTINGS[name].path, value)
+    return nested
+
+
+def with_settings(values: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (either layout) in the nested layout with ``settings`` (flat names) put in place;
+    a name that is no setting is refused."""
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}; known: {', '.join(SETTINGS)}")
+    nested = upgrade_config(values)
+    for name, value in settings.items():
+        _put(nested, SETTINGS[name].path, value)
+    return nested
+
+
+_ABSENT = object()
+
+
+def stored_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored configuration (either layout) by flat name: the settings it holds, comparable with
+    :meth:`TrainConfig.settings` (a setting it lacks, written by an older version, is absent)."""
+    nested, found = upgrade_config(values), {}
+    for name, setting in SETTINGS.items():
+        place = nested
+        for key in setting.path:
+            place = place.get(key, _ABSENT) if isinstance(place, Mapping) else _ABSENT
+        if place is not _ABSENT:
+            found[name] = place
+    return found
+
+
+def _put(values: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        values = values.setdefault(key, {})
+    values[path[-1]] = value
+
+
+def _merged(defaults: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """``defaults`` with ``values`` in place, nested dictionaries merged key by key; keys that
+    ``defaults`` lacks are dropped."""
+    return {
+        key: _merged(default, values[key])
+        if isinstance(default, dict) and isinstance(values.get(key), Mapping)
+        else values.get(key, default)
+        for key, default in defaults.items()
+    }
+
+
+def _build(cls: type, values: Mapping[str, Any]) -> Any:
+    """``cls(**values)`` with every nested dictionary built into its field's dataclass first."""
+    hints = _hints(cls)
+    return cls(
+        **{
+            name: _build(hints[name], value) if is_dataclass(hints[name]) and isinstance(value, Mapping) else value
+            for name, value in values.items()
+        }
+    )
+
+
+# ----------------------------------------------------------------------------- checks
+
+# Every setting with a fixed set of values, read from the module that declares the set; the command
 # line offers exactly these. ``method`` is every method of some backend; each backend's own list is
 # checked in :func:`_check_choices`.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -235,7 +368,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model": MODEL_KINDS,
     "tolerance": TOLERANCE_MODES,
     "estimator": ESTIMATORS,
-    "backend": BACKENDS,
+    "backend": BACKEND_NAMES,
     "method": tuple(dict.fromkeys(ADAPTIVE_METHODS + PER_SAMPLE_METHODS)),
     "noise": NOISES,
     "time_embedding": TIME_EMBEDDINGS,
@@ -243,17 +376,29 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval_divergence": DIVERGENCES,
     "train_method": TRAIN_METHODS,
 }
-# Fields of CHOICES that may also be None (off).
+# Settings of CHOICES that may also be None (off).
 _OPTIONAL_CHOICES = ("train_method",)
 
 
+def _check_parts(config: TrainConfig) -> None:
+    """The nested parts are their dataclasses (flat settings go through :meth:`TrainConfig.from_settings`)."""
+    for name, cls in (("model", ModelConfig), ("tolerance", ToleranceConfig)):
+        value = getattr(config, name)
+        if not isinstance(value, cls):
+            raise TypeError(
+                f"TrainConfig.{name} must be a {cls.__name__}, got {value!r}; to give the --{name} flag's value "
+                f"({SETTINGS[name].path[-1]}) or other settings by their flat names use TrainConfig.from_settings"
+            )
+
+
 def _check_choices(config: TrainConfig) -> None:
+    settings = config.settings()
     methods = PER_SAMPLE_METHODS if config.per_sample else ADAPTIVE_METHODS
     for name, choices in (*CHOICES.items(), ("method", methods)):
-        if getattr(config, name) is None and name in _OPTIONAL_CHOICES:
+        if settings[name] is None and name in _OPTIONAL_CHOICES:
             continue
-        if getattr(config, name) not in choices:
-            raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(config, name)!r}")
+        if settings[name] not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}; got {settings[name]!r}")
 
 
 def _is_int(value: object) -> bool:
@@ -266,6 +411,7 @@ def _is_real(value: object) -> bool:
 
 def _check_counts(config: TrainConfig) -> None:
     """Integers: at least 1 (sizes, budgets), at least 0 (offsets, seeds), or ``None`` where allowed."""
+    settings = config.settings()
     for name, least, optional in (
         ("batch_size", 1, False),
         ("epochs", 1, False),
@@ -283,7 +429,7 @@ def _check_counts(config: TrainConfig) -> None:
         ("seed", 0, False),
         ("eval_noise_seed", 0, True),
     ):
-        value = getattr(config, name)
+        value = settings[name]
         if optional and value is None:
             continue
         if not _is_int(value) or value < least:
@@ -292,6 +438,7 @@ def _check_counts(config: TrainConfig) -> None:
 
 def _check_rates(config: TrainConfig) -> None:
     """Learning rates, clipping and loss weights: finite, and positive or non-negative."""
+    settings = config.settings()
     for name, positive, optional in (
         ("lr", True, False),
         ("gate_lr", True, True),
@@ -300,7 +447,7 @@ def _check_rates(config: TrainConfig) -> None:
         ("beta", False, False),
         ("reward_loss_weight", False, False),
     ):
-        value = getattr(config, name)
+        value = settings[name]
         if optional and value is None:
             continue
         if not _is_real(value) or value < 0 or (positive and value == 0):
@@ -311,7 +458,7 @@ def _check_rates(config: TrainConfig) -> None:
         ("val_fraction", lambda v: 0 < v < 1, "(0, 1)"),
         ("zy_fraction", lambda v: 0 < v <= 1, "(0, 1]"),
     ):
-        value = getattr(config, name)
+        value = settings[name]
         if not (_is_real(value) and inside(value)):
             raise ValueError(f"{name} must be in {interval}; got {value!r}")
 
@@ -320,15 +467,15 @@ def _check_tolerances(config: TrainConfig) -> None:
     for name, value in [("eval_tol", config.eval_tol)] + [("recheck_tols", tol) for tol in config.recheck_tols]:
         if not (_is_real(value) and 0 < value <= 1):
             raise ValueError(f"{name} must be in (0, 1]; got {value!r}")
-    for value in config.gate_mean_log10 or []:
+    for value in config.tolerance.gate_mean_log10 or []:
         if not (_is_real(value) and value <= 0):
             raise ValueError(f"gate_mean_log10 must hold finite log10 tolerances <= 0; got {value!r}")
 
 
 def _check_combinations(config: TrainConfig) -> None:
-    if config.seminorm and not config.adjoint:
+    if config.seminorm and not config.model.adjoint:
         raise ValueError("seminorm applies to the adjoint solve: set adjoint as well")
-    if config.per_sample and config.adjoint:
+    if config.per_sample and config.model.adjoint:
         raise ValueError("the per-sample backend has no adjoint: drop adjoint (it backpropagates through the solver)")
     try:
         torch.device(config.device)
@@ -337,7 +484,7 @@ def _check_combinations(config: TrainConfig) -> None:
     if not isinstance(config.out, str) or not config.out:
         raise ValueError(f"out must be a folder name; got {config.out!r}")
     check_compatible(
-        config.lever_config(), adjoint=config.adjoint, per_sample=config.per_sample, tolerance_mode=config.tolerance
+        config.levers, adjoint=config.model.adjoint, per_sample=config.per_sample, tolerance_mode=config.tolerance.mode
     )
 
 
@@ -388,24 +535,15 @@ def gate_mean_from_run(run_dir: str | Path) -> list[float]:
     return [float(m) for m in means]
 
 
-def model_config(config: TrainConfig, image_shape: tuple[int, int, int], n_classes: int) -> ModelConfig:
-    """The run's :class:`ModelConfig`: every field ``TrainConfig`` shares with it (``MODEL_FIELDS``),
-    ``model`` as its ``kind``, and the data's shape and classes; the rest at ModelConfig's defaults."""
-    shared = {name: getattr(config, name) for name in MODEL_FIELDS}
-    return ModelConfig(
-        kind=config.model, image_shape=image_shape, n_classes=n_classes, levers=config.lever_config(), **shared
-    )
-
-
 def build(config: TrainConfig, image_shape: tuple[int, int, int], n_classes: int) -> FlowModel:
-    """The run's model on the CPU (``seminorm`` without ``adjoint`` is refused by TrainConfig itself)."""
-    policies = policy_factory(config.tolerance_config(), gate_net=ConvGate)
-    model = build_model(
-        model_config(config, image_shape, n_classes), policies, eval_policy=FixedTolerance(config.eval_tol)
-    )
+    """The run's model for images of ``image_shape`` in ``n_classes`` classes, on the CPU
+    (``seminorm`` without ``adjoint`` is refused by TrainConfig itself)."""
+    policies = policy_factory(config.tolerance, gate_net=ConvGate)
+    model_config = config.for_data(image_shape, n_classes).model
+    model = build_model(model_config, policies, eval_policy=FixedTolerance(config.eval_tol))
     if config.seminorm:
         for solver in gated_solvers(model):
-            solver.adjoint_options = seminorm_options(config.max_num_steps)
+            solver.adjoint_options = seminorm_options(model_config.max_num_steps)
     return model
 
 
@@ -732,13 +870,15 @@ class Trainer:
         limit = config.max_train_batches
         self.iters_per_epoch = len(self.train_batches) if limit is None else min(len(self.train_batches), limit)
         torch.manual_seed(config.seed)  # identical initialisation on every rank
+        # From here on the configuration holds the data's image shape and classes (config.json, summary).
+        self.config = config = config.for_data(self.dataset.image_shape, self.dataset.n_classes)
         self.model = build(config, self.dataset.image_shape, self.dataset.n_classes).to(self.device)
         self.solvers = list(gated_solvers(self.model))
         self.policies = [solver.policy for solver in self.solvers]
         self.optimizer = make_optimizer(self.model, config.lr, config.gate_lr or config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.learner = ToleranceLearner(config.tolerance_config(), seed=config.seed)
-        self.levers = config.lever_config()
+        self.learner = ToleranceLearner(config.tolerance, seed=config.seed)
+        self.levers = config.levers
         self.epoch, self.batch, self.step, self.best = 0, 0, 0, None
         self.acc = _epoch_accumulator(len(self.solvers))
         self.stop = StopSignal(can_abort=self.ranks.world == 1)
@@ -755,7 +895,7 @@ class Trainer:
         state = load_checkpoint(self.out / LAST_CHECKPOINT, self.device)
         if isinstance(state.get("config"), dict):
             started = state["epoch"] + (1 if state["batch"] else 0)
-            check_resume(state["config"], asdict(self.config), started, self.out)
+            check_resume(stored_settings(state["config"]), self.config.settings(), started, self.out)
         return state
 
     def _batches(self, split: str, batch_size: int):
@@ -992,11 +1132,11 @@ class Trainer:
             with (out / METRICS_FILE).open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
             plots.plot_curves(read_history(out / METRICS_FILE), out / "curves.png")
-            if config.tolerance in ("learned", "adaptive", "frozen"):
+            if config.tolerance.mode in ("learned", "adaptive", "frozen"):
                 plots.plot_tolerance_histograms(
                     self.acc["log10_tol"],
                     out / "tolerances.png",
-                    f"{config.model}, {config.tolerance}: log10 tolerance per block",
+                    f"{config.model.kind}, {config.tolerance.mode}: log10 tolerance per block",
                 )
             _print_epoch(record)
         if config.sample_every and (epoch + 1) % config.sample_every == 0 and ranks.main:
@@ -1049,8 +1189,8 @@ def run(config: TrainConfig, resume: bool = False, stop_after_batches: int | Non
 
 def _probe_objective(model: FlowModel, batch, config: TrainConfig, levels: int):
     """The per-sample objective (Eq. 4) of the batch's first ``probe_size`` rows, as a closure for probes."""
-    x = batch.x[: config.probe_size]
-    y = batch.y[: config.probe_size] if model.conditional else None
+    x = batch.x[: config.tolerance.probe_size]
+    y = batch.y[: config.tolerance.probe_size] if model.conditional else None
 
     def objective() -> torch.Tensor:
         return per_sample_objective(model, model(x, y), y, config.beta, levels)
