@@ -59,6 +59,7 @@ ARMS: dict[str, tuple[dict, dict, dict]] = {
     # stacks
     "rnode": (_FIXED, {**_RNODE, **_RK4}, {}),
     "rnode-h0.5": (_FIXED, {**_RNODE, "train_method": "rk4", "train_step_size": 0.5}, {}),
+    "rnode-h1": (_FIXED, {**_RNODE, "train_method": "rk4", "train_step_size": 1.0}, {}),
     "adaptive-kj-local-error": (_ADAPTIVE, {**_RNODE, "local_error": 0.01}, {}),
     "adaptive-kj-seminorm": (_ADAPTIVE, _RNODE, _SEMINORM),
 }

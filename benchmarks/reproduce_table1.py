@@ -119,6 +119,10 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
         "InfoCNF, RNODE with RK4 h=0.5 (two steps) + kinetic + Jacobian",
         [*STUDY["s-fixed-1e-5"][1], "--train-method", "rk4", "--train-step-size", "0.5", *_RNODE_PENALTIES],
     ),
+    "l-rnode-h1": (
+        "InfoCNF, RNODE with RK4 h=1 (one step) + kinetic + Jacobian",
+        [*STUDY["s-fixed-1e-5"][1], "--train-method", "rk4", "--train-step-size", "1.0", *_RNODE_PENALTIES],
+    ),
     "l-adaptive-kj": (
         "InfoCNF, noise-matched tolerance + kinetic + Jacobian",
         [*STUDY["s-adaptive"][1], *_RNODE_PENALTIES],
