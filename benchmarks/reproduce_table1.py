@@ -245,7 +245,19 @@ def main() -> None:
         with ThreadPoolExecutor(args.workers) as pool:
             for message in pool.map(lambda job: run_one(job[0], all_rows[job[0]][1], job[1], args), jobs):
                 print(message, flush=True)
-    if args.study or args.levers:
+    if args.levers:
+        from tolgate_flows.levers_report import digits_report, digits_table, plot_digits
+
+        try:
+            report = digits_report(load_summaries(Path(args.results), LEVERS))
+        except FileNotFoundError as exc:
+            p.error(str(exc))
+        report["command"] = " ".join(["python", *sys.argv])
+        (Path(args.results) / "summary.json").write_text(json.dumps(report, indent=1))
+        plot_digits(report, Path(args.results) / "levers.png")
+        print(digits_table(report))
+        return
+    if args.study:
         from tolgate_flows.report import comparison_table
 
         print(comparison_table(load_summaries(Path(args.results), study)))

@@ -134,3 +134,107 @@ def write_report(out: Path, results: Path, command: str) -> dict:
     (results / "summary.json").write_text(json.dumps({"command": command, "testbeds": report}, indent=1))
     plot(report, results / "levers.png")
     return report
+
+
+# --- digits (the training entry point's summaries, benchmarks/reproduce_table1.py --levers) ------
+
+DIGITS_REFERENCE = "s-fixed-1e-5"
+DIGITS_MARGIN_BPD = 0.01  # the issue's equal-quality bound on digits (bits/dim)
+
+
+def digits_cost(summary: Mapping) -> float:
+    """Training NFE per iteration of an entry-point run: forward + backward + probes."""
+    return (
+        summary["train_nfe_forward_mean"]
+        + summary["train_nfe_backward_mean"]
+        + summary.get("train_probe_nfe_equivalent_mean", 0.0)
+    )
+
+
+def digits_report(rows: Mapping[str, Sequence[Mapping]]) -> dict:
+    """``row -> mean ± std over seeds`` of test bits/dim (x|y), test error, training NFE
+    (:func:`digits_cost`), evaluation NFE and seconds per iteration, the per-seed difference of
+    bits/dim to :data:`DIGITS_REFERENCE`, the training and evaluation NFE savings against it, and
+    whether the row is at equal quality (paired bits/dim within ``max(0.01, reference std)``)."""
+    reference = {s["config"]["seed"]: s for s in rows.get(DIGITS_REFERENCE, [])}
+    if not reference:
+        raise FileNotFoundError(f"no {DIGITS_REFERENCE!r} runs: the reference of the digits levers study")
+
+    def bpd(summary: Mapping) -> float:
+        return summary["selected"]["test"]["bpd_cond"]
+
+    ref_cost = _mean_std([digits_cost(s) for s in reference.values()])["mean"]
+    ref_eval = _mean_std([s["selected"]["test"]["nfe_forward"] for s in reference.values()])["mean"]
+    margin = max(DIGITS_MARGIN_BPD, _mean_std([bpd(s) for s in reference.values()])["std"] or 0.0)
+    report = {}
+    for name, summaries in rows.items():
+        cost = _mean_std([digits_cost(s) for s in summaries])
+        evaluation = _mean_std([s["selected"]["test"]["nfe_forward"] for s in summaries])
+        paired = _mean_std(
+            [bpd(s) - bpd(reference[s["config"]["seed"]]) for s in summaries if s["config"]["seed"] in reference]
+        )
+        report[name] = {
+            "seeds": [s["config"]["seed"] for s in summaries],
+            "test_bpd": _mean_std([bpd(s) for s in summaries]),
+            "test_error": _mean_std([s["selected"]["test"]["error"] for s in summaries]),
+            "nfe_train": cost,
+            "test_nfe_forward": evaluation,
+            "seconds_per_iteration": _mean_std([s["seconds_per_iteration_mean"] for s in summaries]),
+            "paired_test_bpd_vs_reference": paired,
+            "train_nfe_saving": ref_cost / cost["mean"],
+            "eval_nfe_saving": ref_eval / evaluation["mean"],
+            "equal_quality": paired["mean"] is not None and paired["mean"] <= margin,
+        }
+    return {"reference": DIGITS_REFERENCE, "margin_bpd": margin, "rows": report}
+
+
+def digits_table(report: Mapping) -> str:
+    """The digits report as a markdown table (mean ± std over seeds)."""
+
+    def fmt(stat: Mapping, digits: int) -> str:
+        if stat["mean"] is None:
+            return "n/a"
+        return (
+            f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}" if stat["n"] > 1 else f"{stat['mean']:.{digits}f}"
+        )
+
+    lines = [
+        "| row | seeds | test bits/dim x\\|y | paired vs reference | test error (%) | train NFE (f+b) | saving "
+        "| eval NFE | s/iter |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in report["rows"].items():
+        error = {k: (v * 100 if isinstance(v, float) else v) for k, v in row["test_error"].items()}
+        lines.append(
+            f"| {name} | {len(row['seeds'])} | {fmt(row['test_bpd'], 4)} "
+            f"| {fmt(row['paired_test_bpd_vs_reference'], 4)} "
+            f"| {fmt(error, 2)} | {fmt(row['nfe_train'], 1)} | {row['train_nfe_saving']:.2f}x "
+            f"| {fmt(row['test_nfe_forward'], 1)} | {fmt(row['seconds_per_iteration'], 2)} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_digits(report: Mapping, path: Path) -> None:
+    """Test bits/dim against training NFE per iteration, every row a point with seed std bars."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, row in report["rows"].items():
+        ax.errorbar(
+            row["nfe_train"]["mean"],
+            row["test_bpd"]["mean"],
+            xerr=row["nfe_train"]["std"],
+            yerr=row["test_bpd"]["std"],
+            fmt="k-o" if name.startswith("s-fixed") else "s",
+            capsize=3,
+        )
+        ax.annotate(name, (row["nfe_train"]["mean"], row["test_bpd"]["mean"]), fontsize=7)
+    ref = report["rows"][report["reference"]]["test_bpd"]["mean"]
+    ax.axhspan(ref - report["margin_bpd"], ref + report["margin_bpd"], color="g", alpha=0.1)
+    ax.set(
+        title="digits (InfoCNF): quality against training cost",
+        xlabel="training NFE / iteration (forward + backward + probes)",
+        ylabel="test bits/dim x|y at 1e-5",
+        xscale="log",
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
