@@ -4,6 +4,7 @@
     python benchmarks/fewer_nfe.py --testbeds 8gaussians --arms ffjord rnode --seeds 0 \\
         --iterations 20 --out /tmp/fn --results /tmp/fn_results   # a smoke
     python benchmarks/fewer_nfe.py --report-only              # aggregate what is on disk
+    python benchmarks/fewer_nfe.py --timing                   # wall time per iteration, side by side
 
 Arms (``ARMS``): the reference ``ffjord`` (dopri5, fixed 1e-5, direct backpropagation), the
 fixed-tolerance frontier to 1e-1, each lever alone (RNODE's fixed-grid RK4 at h = 0.25, RNODE's
@@ -15,18 +16,28 @@ in nats and the NFE that evaluation needs. Within a seed every arm starts from t
 sees the same batches. Runs go to ``<out>/<testbed>/<arm>/seed<k>/`` (resumable, see
 :mod:`tolgate_flows.testbed_grid`); the report (:mod:`tolgate_flows.levers_report`: training NFE
 forward + backward + probes, savings against ``ffjord``, paired NLL, the figure) to ``--results``.
+
+Wall time. The grid's runs follow one another on a shared machine, so their seconds per iteration
+are not comparable. ``--timing`` measures them side by side in one process: every arm (seed 0,
+first testbed) is trained ``--timing-warmup`` iterations, then the arms take turns, ``--timing-rounds``
+rounds of 10 iterations each (the order reversed every other round), and the report is each arm's
+median seconds per iteration and its ratio to ``ffjord``'s (``<results>/timing.json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
+import statistics
 import sys
 from pathlib import Path
 
+import torch
+
 from tolgate_flows.levers import LeverConfig
 from tolgate_flows.levers_report import write_report
-from tolgate_flows.testbed import TestbedConfig
+from tolgate_flows.testbed import TestbedConfig, Training
 from tolgate_flows.testbed_grid import Job, run_grid
 from tolgate_flows.tolerance import ToleranceConfig
 
@@ -77,6 +88,35 @@ def job_config(job: Job, iterations: int | None = None) -> TestbedConfig:
     )
 
 
+def time_arms(testbed: str, arms: list[str], warmup: int, rounds: int, per_round: int = 10) -> dict:
+    """Median seconds per training iteration of every arm, measured in turns in this process."""
+    torch.set_num_threads(1)
+    states = {}
+    for arm in arms:
+        states[arm] = Training.start(job_config((testbed, arm, 0)))
+        for iteration in range(warmup):
+            states[arm].step(iteration)
+    seconds: dict[str, list[float]] = {arm: [] for arm in arms}
+    nfe: dict[str, list[int]] = {arm: [] for arm in arms}
+    for round_ in range(rounds):
+        for arm in arms if round_ % 2 == 0 else arms[::-1]:
+            for k in range(per_round):
+                stats = states[arm].step(warmup + round_ * per_round + k)
+                seconds[arm].append(stats.seconds)
+                nfe[arm].append(stats.nfe_forward + stats.nfe_backward)
+    medians = {arm: statistics.median(values) for arm, values in seconds.items()}
+    reference = medians.get("ffjord")
+    return {
+        arm: {
+            "median_seconds_per_iteration": medians[arm],
+            "ratio_to_ffjord": None if reference is None else medians[arm] / reference,
+            "mean_nfe_forward_plus_backward": statistics.fmean(nfe[arm]),
+            "iterations_timed": len(seconds[arm]),
+        }
+        for arm in arms
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--testbeds", nargs="+", choices=list(TESTBED_PRESETS), default=list(TESTBED_PRESETS))
@@ -87,9 +127,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/fewer_nfe"), help="run folders")
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / "fewer_nfe")
     parser.add_argument("--report-only", action="store_true", help="aggregate the runs on disk; run nothing")
+    parser.add_argument("--timing", action="store_true", help="time the arms side by side (see above); no grid")
+    parser.add_argument("--timing-warmup", type=int, default=100, help="training iterations before timing")
+    parser.add_argument("--timing-rounds", type=int, default=4, help="rounds of 10 timed iterations per arm")
     args = parser.parse_args()
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
+    if args.timing:
+        timing = time_arms(args.testbeds[0], args.arms, args.timing_warmup, args.timing_rounds)
+        args.results.mkdir(parents=True, exist_ok=True)
+        record = {"command": " ".join(["python", *sys.argv]), "testbed": args.testbeds[0], "arms": timing}
+        (args.results / "timing.json").write_text(json.dumps(record, indent=1))
+        for arm, row in sorted(timing.items(), key=lambda item: item[1]["median_seconds_per_iteration"]):
+            ratio = "n/a" if row["ratio_to_ffjord"] is None else f"{row['ratio_to_ffjord']:.2f}x"
+            print(
+                f"{arm:26s} {row['median_seconds_per_iteration'] * 1e3:7.1f} ms/iter ({ratio} ffjord), "
+                f"NFE f+b {row['mean_nfe_forward_plus_backward']:.1f}"
+            )
+        return
     if not args.report_only:
         # Seed-major: an interrupted grid has every testbed and arm at its first seeds.
         jobs = [(testbed, arm, seed) for seed in args.seeds for testbed in args.testbeds for arm in args.arms]

@@ -285,6 +285,29 @@ def _window(stats: Sequence[StepStats], iteration: int) -> dict:
     }
 
 
+@dataclass
+class Training:
+    """A run's trainable state: the flow, its optimiser, the tolerance learner and the gates' policies."""
+
+    config: TestbedConfig
+    model: VectorFlow
+    optimizer: torch.optim.Optimizer
+    learner: ToleranceLearner
+    policies: list[TolerancePolicy]
+
+    @classmethod
+    def start(cls, config: TestbedConfig) -> Training:
+        """The state at iteration 0 (seeds the global RNG with ``config.seed``, see :func:`build`)."""
+        model = build(config)
+        optimizer = make_optimizer(model, config.lr, config.gate_lr)
+        learner = ToleranceLearner(config.tolerance, seed=config.seed)
+        return cls(config, model, optimizer, learner, [solver.policy for solver in gated_solvers(model)])
+
+    def step(self, iteration: int) -> StepStats:
+        """One training iteration (:func:`train_step`)."""
+        return train_step(self.model, self.optimizer, self.learner, self.policies, self.config, iteration)
+
+
 def run_testbed(config: TestbedConfig, out_dir: str | Path) -> dict:
     """Train, evaluate, and write ``log.jsonl`` (a line per ``log_every`` iterations) and
     ``summary.json`` under ``out_dir``; return the summary (keys: see the module docstring).
@@ -294,19 +317,16 @@ def run_testbed(config: TestbedConfig, out_dir: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with torch.random.fork_rng():
-        model = build(config)
-        optimizer = make_optimizer(model, config.lr, config.gate_lr)
-        learner = ToleranceLearner(config.tolerance, seed=config.seed)
-        policies = [solver.policy for solver in gated_solvers(model)]
+        training = Training.start(config)
         stats: list[StepStats] = []
         with (out / "log.jsonl").open("w") as log:
             for iteration in range(config.iterations):
-                stats.append(train_step(model, optimizer, learner, policies, config, iteration))
+                stats.append(training.step(iteration))
                 if (iteration + 1) % config.log_every == 0 or iteration + 1 == config.iterations:
                     window = stats[-((iteration % config.log_every) + 1) :]
                     log.write(json.dumps(_window(window, iteration + 1)) + "\n")
                     log.flush()
-        summary = _summarise(model, config, stats)
+        summary = _summarise(training.model, config, stats)
     summary["wall_seconds"] = time.perf_counter() - start
     temporary = out / "summary.json.tmp"
     temporary.write_text(json.dumps(summary, indent=1))
