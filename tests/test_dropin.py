@@ -4,6 +4,7 @@ fixed-grid NFE; step-size policies; backends as objects, each taking either kind
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 
@@ -317,3 +318,67 @@ def test_tolgate_odeint_takes_a_policy_and_raises_typed_failures() -> None:
     assert torch.equal(ys, torchdiffeq.odeint(Field(), y0(), T, method="rk4", options={"step_size": 0.25}))
     with pytest.raises(tolgate.NonFiniteStateError):
         tolgate.odeint(lambda t, y: torch.full_like(y, math.nan), y0(), T)
+
+
+@pytest.mark.parametrize("name", ["odeint", "odeint_adjoint"])
+def test_shim_signature_is_torchdiffeqs_plus_policy(name: str) -> None:
+    ours, theirs = inspect.signature(getattr(tolgate, name)), inspect.signature(getattr(torchdiffeq, name))
+    *same, policy = ours.parameters.values()
+    assert same == list(theirs.parameters.values())  # names, order, kinds and defaults
+    assert policy.name == "policy" and policy.kind is inspect.Parameter.KEYWORD_ONLY and policy.default is None
+    assert getattr(tolgate, name).__name__ == name and "torchdiffeq" in getattr(tolgate, name).__doc__
+
+
+def test_shim_refuses_what_torchdiffeq_refuses() -> None:
+    for ode in (tolgate.odeint, torchdiffeq.odeint):
+        with pytest.raises(TypeError):
+            ode(Field(), y0(), T, 1e-3)  # rtol is keyword-only
+        with pytest.raises(TypeError, match="adjoint_rtol"):
+            ode(Field(), y0(), T, adjoint_rtol=1e-3)
+        with pytest.raises(TypeError):
+            ode(Field(), y0())
+
+
+def test_a_torchdiffeq_argument_tolgate_does_not_know_is_refused_only_when_passed() -> None:
+    def newer_odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None, fast=False):  # noqa: ANN001, ANN202
+        raise AssertionError("never called: the drop-in only reads its signature")
+
+    ode = tolgate.dropin._drop_in(newer_odeint, adjoint=False, doc="")
+    assert torch.equal(ode(Field(), y0(), T), torchdiffeq.odeint(Field(), y0(), T))
+    with pytest.raises(TypeError, match=r"newer_odeint does not support.*\['fast'\]"):
+        ode(Field(), y0(), T, fast=True)
+
+
+def test_adjoint_atol_alone_keeps_the_forward_rtol() -> None:
+    field = Field()
+    grads = []
+    for ode in (tolgate.odeint_adjoint, torchdiffeq.odeint_adjoint):
+        ys = ode(field, y0(), T, rtol=1e-6, atol=1e-7, adjoint_atol=1e-5)
+        grads.append(torch.autograd.grad(ys.pow(2).sum(), list(field.parameters())))
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_replacing_torchdiffeq_odeint_by_the_shim_does_not_recurse(monkeypatch):
+    # The usual drop-in trick: the backend must still reach the real torchdiffeq.
+    monkeypatch.setattr(torchdiffeq, "odeint", tolgate.odeint)
+    y0 = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    ys = torchdiffeq.odeint(lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(ys[-1], y0 * math.exp(-1.0), rtol=1e-6, atol=1e-8)
+
+
+def test_a_few_tiny_steps_at_a_discontinuity_are_not_an_underflow():
+    # torchdiffeq's own TestDiscontinuities.test_odeint_jump_t (float32, adaptive_heun, adjoint,
+    # without jump_t, rtol 1e-7): the adjoint solve crosses the jump at t = 0.5 with a handful of
+    # steps below 4 ulps of t and recovers; torchdiffeq passes, so the shim must too.
+    def jump(t, x):
+        return -0.5 * x if t < 0.5 else x**2
+
+    x0 = torch.tensor([1.0, 2.0], requires_grad=True)
+    t = torch.tensor([0.0, 1.0])
+    settings = {"atol": 1e-6, "method": "adaptive_heun", "adjoint_params": ()}
+    raw = torchdiffeq.odeint_adjoint(jump, x0, t, **settings)
+    shim = tolgate.odeint_adjoint(jump, x0, t, **settings)
+    assert torch.equal(raw, shim)
+    (raw_grad,) = torch.autograd.grad(raw.sum(), x0)
+    (shim_grad,) = torch.autograd.grad(shim.sum(), x0)
+    assert torch.equal(raw_grad, shim_grad)

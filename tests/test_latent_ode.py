@@ -101,6 +101,20 @@ def test_bad_inputs_raise():
         PartitionedLatentODE(code_dim=6)
 
 
+def test_partitioned_model_takes_the_baselines_arguments_by_keyword_only():
+    model = PartitionedLatentODE(code_dim=4, obs_dim=3, latent_dim=7, obs_std=0.5, ode_hidden=8)
+    assert model.latent_dim == 7 and model.obs_std == 0.5 and model.obs_shift.shape == (3,)
+    mean, logvar = model.prior(torch.zeros(2, 3), 2, torch.zeros(1))
+    assert mean.shape == logvar.shape == (2, 7)
+    assert model.dynamics.net[0].out_features == 8 and model.decoder.net[-1].out_features == 3
+    with pytest.raises(ValueError, match="latent_dim=7"):
+        PartitionedLatentODE(code_dim=8, latent_dim=7)
+    with pytest.raises(TypeError):
+        PartitionedLatentODE(2, 5)  # a size given by position cannot land on code_dim
+    with pytest.raises(TypeError, match="latent_size"):
+        PartitionedLatentODE(latent_size=5)
+
+
 def test_observation_normalisation_is_an_exact_affine_wrapper():
     torch.manual_seed(2)
     plain = LatentODE()

@@ -97,8 +97,9 @@ class GatedSolver(nn.Module):
             ``nfe_forward`` counts calls of the field (each on the rows still integrating);
             ``extra["rows_evaluated"]`` counts rows.
 
-    Failures. The step budget, the step-size underflow test (a step of at most 4 ulps of
-    ``max(|t|, |t[-1] - t[0]|)`` with torchdiffeq; 10 ulps of ``t`` per sample with ``"per_sample"``)
+    Failures. The step budget, the step-size underflow test (with torchdiffeq: more than 32 steps in
+    a row of at most 4 ulps of ``max(|t|, |t[-1] - t[0]|)``, or one that cannot move ``t``; 10 ulps
+    of ``t`` per sample with ``"per_sample"``)
     and the detection of NaN/inf are the library's own checks, on both backends and on the
     adjoint solve, so they hold under ``python -O`` (torchdiffeq's ``assert`` statements do not).
     ``max_num_steps=None`` means no budget: a solve that cannot finish then stops only at an

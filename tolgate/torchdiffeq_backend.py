@@ -60,6 +60,11 @@ if TYPE_CHECKING:
 State = torch.Tensor | tuple[torch.Tensor, ...]
 TorchdiffeqTolerance = float | torch.Tensor | tuple[torch.Tensor, ...]
 
+# Bound at import: a user who replaces ``torchdiffeq.odeint`` by ``tolgate.odeint`` (the usual
+# drop-in trick) must not make the backend call itself.
+_TORCHDIFFEQ_ODEINT = torchdiffeq.odeint
+_TORCHDIFFEQ_ODEINT_ADJOINT = torchdiffeq.odeint_adjoint
+
 #: every method torchdiffeq offers, in its own order
 METHODS = tuple(SOLVERS)
 #: adaptive Runge-Kutta methods: the tolerance sets the step
@@ -75,8 +80,12 @@ TOLERANCE_METHODS = tuple(
     or (issubclass(cls, AdamsBashforthMoulton) and not issubclass(cls, AdamsBashforth))
     or not issubclass(cls, FixedGridODESolver)
 )
-#: a step at most this many machine epsilons of ``max(|t|, |t[-1] - t[0]|)`` is an underflow
+#: a step at most this many machine epsilons of ``max(|t|, |t[-1] - t[0]|)`` is a small step ...
 UNDERFLOW_ULPS = 4.0
+#: ... and more than this many small steps in a row are an underflow (a solve that crosses a
+#: discontinuity takes a few and recovers, as torchdiffeq's own tests do; a stuck one repeats them),
+#: as is any step too small to move ``t`` at all (at most half an ulp of ``t``)
+UNDERFLOW_PATIENCE = 32
 _STATUS_OF_ERROR = {
     StepBudgetExceeded: SolveStatus.STEP_BUDGET_EXCEEDED,
     StepSizeUnderflow: SolveStatus.STEP_SIZE_UNDERFLOW,
@@ -95,16 +104,18 @@ class _StepGuard:
     key at or above ``k``. ``smallest_scale`` 0 switches the step-size test off (fixed grids).
     """
 
-    __slots__ = ("budget", "keys", "adjoint", "smallest_scale", "span", "interval", "steps")
+    __slots__ = ("budget", "keys", "adjoint", "eps", "smallest_scale", "span", "interval", "steps", "small_steps")
 
     def __init__(self, budget: int | None, keys: list[float], eps: float, adjoint: bool, fixed_grid: bool) -> None:
         self.budget = budget
         self.keys = keys
         self.adjoint = adjoint
+        self.eps = eps
         self.smallest_scale = 0.0 if fixed_grid else UNDERFLOW_ULPS * eps
         self.span = abs(keys[-1] - keys[0])
         self.interval = -1
         self.steps = 0
+        self.small_steps = 0
 
     def over_budget(self, key: float) -> bool:
         """Count one step from ``key``; whether it exceeds the budget of its interval."""
@@ -120,6 +131,12 @@ class _StepGuard:
     def smallest_step(self, key: float) -> float:
         """The smallest step that still advances time meaningfully at ``key`` (same units as t)."""
         return self.smallest_scale * max(abs(key), self.span)
+
+    def stalled(self, key: float, dt: float) -> bool:
+        """Count one small step ``dt`` from ``key``; whether the solve has stalled (see
+        :data:`UNDERFLOW_PATIENCE`)."""
+        self.small_steps += 1
+        return self.small_steps > UNDERFLOW_PATIENCE or dt <= 0.5 * self.eps * abs(key)
 
 
 class TorchdiffeqField(CountingField):
@@ -189,12 +206,16 @@ class TorchdiffeqField(CountingField):
                 raise self._non_finite(key, guard.adjoint)
             if non_finite(self.last_output):
                 raise self._failure(NonFiniteStateError, "the vector field produced NaN or inf", key, guard.adjoint)
-            raise self._failure(
-                StepSizeUnderflow,
-                f"step size underflow: dt={dt:.3g} is below {smallest:.3g} ({UNDERFLOW_ULPS:g} ulps of the time)",
-                key,
-                guard.adjoint,
-            )
+            if guard.stalled(key, dt):
+                raise self._failure(
+                    StepSizeUnderflow,
+                    f"step size underflow: dt={dt:.3g} is below {smallest:.3g} ({UNDERFLOW_ULPS:g} ulps of the "
+                    f"time) for {guard.small_steps} steps in a row, or too small to move t",
+                    key,
+                    guard.adjoint,
+                )
+        elif guard.small_steps:
+            guard.small_steps = 0
         if non_finite(y0):
             field_output_bad = non_finite(self.last_output)
             what = "the vector field produced NaN or inf" if field_output_bad else "the state became NaN or inf"
@@ -312,7 +333,7 @@ class TorchdiffeqRun:
         field.arm(request.times, torch.finfo(_time_dtype(t, request.y0)).eps, self.budgets, self.step_size_rules)
         if tape is not None:
             tape.sign = field.sign
-        odeint = torchdiffeq.odeint_adjoint if settings.adjoint else torchdiffeq.odeint
+        odeint = _TORCHDIFFEQ_ODEINT_ADJOINT if settings.adjoint else _TORCHDIFFEQ_ODEINT
         try:
             out = odeint(field, request.y0, t, **self.kwargs)
         except AssertionError as exc:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -266,25 +267,19 @@ class PartitionedLatentODE(LatentODE):
 
     def __init__(
         self,
-        obs_dim: int = 2,
-        latent_dim: int = 5,
+        *,
         code_dim: int = 3,
         n_continuous: int = 2,
         n_binary: int = 1,
         supervised_weight: float = 1.0,
-        rnn_hidden: int = 25,
-        ode_hidden: int = 20,
-        decoder_hidden: int = 20,
-        obs_std: float = 0.3,
-        solver: GatedSolver | None = None,
-        obs_shift: torch.Tensor | None = None,
-        obs_scale: torch.Tensor | None = None,
+        **model: Any,
     ) -> None:
-        super().__init__(
-            obs_dim, latent_dim, rnn_hidden, ode_hidden, decoder_hidden, obs_std, solver, obs_shift, obs_scale
-        )
-        if not 0 < code_dim <= latent_dim:
-            raise ValueError(f"code_dim must be in [1, latent_dim={latent_dim}], got {code_dim!r}")
+        """``model``: :class:`LatentODE`'s keyword arguments (sizes, ``obs_std``, ``solver``,
+        ``obs_shift``/``obs_scale``), with its defaults: the partitioned model differs from the
+        baseline only in what is listed here. Keyword-only, so no argument lands in the wrong place."""
+        super().__init__(**model)
+        if not 0 < code_dim <= self.latent_dim:
+            raise ValueError(f"code_dim must be in [1, latent_dim={self.latent_dim}], got {code_dim!r}")
         if supervised_weight < 0:
             raise ValueError(f"supervised_weight must be >= 0, got {supervised_weight!r}")
         self.code_dim = code_dim

@@ -25,9 +25,8 @@ import torch
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from ..solver import ADAPTIVE_METHODS  # re-exported: the methods adaptive_methods() draws
 from .problems import DampedPendulum, LinearField, LotkaVolterra, ODEProblem, stable_linear_matrix
-
-ADAPTIVE_METHODS = ("dopri5", "bosh3", "fehlberg2", "adaptive_heun")
 
 
 def tolerances(smallest: float = 1e-9, largest: float = 1e-3) -> st.SearchStrategy[float]:
@@ -39,7 +38,8 @@ def tolerances(smallest: float = 1e-9, largest: float = 1e-3) -> st.SearchStrate
 
 
 def adaptive_methods() -> st.SearchStrategy[str]:
-    """One of the adaptive Runge-Kutta methods tolgate is tested with."""
+    """One of torchdiffeq's adaptive Runge-Kutta methods (:data:`tolgate.solver.ADAPTIVE_METHODS`,
+    derived from torchdiffeq's solver table, so a method torchdiffeq adds is drawn too)."""
     return st.sampled_from(ADAPTIVE_METHODS)
 
 
