@@ -382,3 +382,16 @@ def test_a_few_tiny_steps_at_a_discontinuity_are_not_an_underflow():
     (raw_grad,) = torch.autograd.grad(raw.sum(), x0)
     (shim_grad,) = torch.autograd.grad(shim.sum(), x0)
     assert torch.equal(raw_grad, shim_grad)
+
+
+def test_the_per_sample_backend_warns_that_it_does_not_call_step_callbacks():
+    class WithCallback(torch.nn.Module):
+        def forward(self, t, y):
+            return -y
+
+        def callback_step(self, t0, y0, dt):
+            raise AssertionError("the per-sample backend never calls it")
+
+    solver = GatedSolver(FixedTolerance(1e-5), backend="per_sample")
+    with pytest.warns(UserWarning, match="callback_step"):
+        solver(WithCallback(), torch.ones(2, 2, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64))

@@ -43,7 +43,7 @@ from .persample import (
 )
 from .records import SolveRecord, SolveStatus
 from .tableaux import TABLEAUX
-from .torchdiffeq_backend import TorchdiffeqBackend
+from .torchdiffeq_backend import TorchdiffeqBackend, step_callbacks
 
 if TYPE_CHECKING:
     from .policies import ToleranceChoice
@@ -178,6 +178,13 @@ class PerSampleBackend:
             raise ValueError(
                 "backend 'per_sample' takes rtol/atol (a float or one per sample) from the policy, "
                 f"got rtol={choice.rtol!r}, step_size={choice.step_size!r}, per_element={choice.per_element}"
+            )
+        callbacks = step_callbacks(request.func)
+        if callbacks:  # torchdiffeq, too, warns about the callbacks a solver does not call
+            warnings.warn(
+                f"backend 'per_sample' does not call torchdiffeq's step callbacks {callbacks} of the field: "
+                "every sample takes its own steps; use backend='torchdiffeq' for them",
+                stacklevel=4,
             )
         settings = request.settings
         if len(request.times) == 1:

@@ -289,10 +289,16 @@ def _field_class(names: frozenset[str], taped: bool) -> type[TorchdiffeqField]:
     return type("TorchdiffeqField", (_TapedField if taped else TorchdiffeqField,), attributes)
 
 
+def step_callbacks(func: Callable[..., Any]) -> tuple[str, ...]:
+    """The names of torchdiffeq's step callbacks (``callback_step``, ... and their ``_adjoint``
+    variants) that ``func`` defines."""
+    return tuple(name for name in _all_callback_names + _all_adjoint_callback_names if hasattr(func, name))
+
+
 def _callback_names(func: Callable[..., Any], method: str, adjoint_method: str | None) -> frozenset[str]:
     """The callbacks to expose: those the counting needs where the method calls them, plus every
     one the user set (so torchdiffeq warns about an unsupported one just as on a raw call)."""
-    user = {name for name in _all_callback_names + _all_adjoint_callback_names if hasattr(func, name)}
+    user = set(step_callbacks(func))
     ours = set(SOLVERS[method].valid_callbacks())
     if adjoint_method is not None and "callback_step" in SOLVERS[adjoint_method].valid_callbacks():
         ours.add("callback_step_adjoint")
