@@ -106,7 +106,8 @@ def test_stiffness_of_a_linear_decay_is_its_rate_times_the_steps(method):
     y0 = torch.randn(5, 2, dtype=DTYPE)
     solver(field, y0, torch.tensor([0.0, 2.0], dtype=DTYPE))
     assert sum(field.accepted) >= 2.0
-    assert float(solver.records[-1].stiffness) == pytest.approx(rate * sum(field.accepted), rel=1e-9)
+    # rel 1e-6: the last two stages differ by about the local error, a cancellation in the ratio.
+    assert float(solver.records[-1].stiffness) == pytest.approx(rate * sum(field.accepted), rel=1e-6)
 
 
 def test_gradients_match_finite_differences_on_one_step():

@@ -196,7 +196,9 @@ def test_stiffness_of_linear_decay_for_drawn_rates(rates: list[float], log10_tol
     lam = torch.tensor(rates, dtype=F64)
     y0 = torch.linspace(0.5, 2.0, len(rates), dtype=F64).unsqueeze(1)
     record = solve(index_aware(Decay(lam)), y0, torch.tensor([0.0, 1.0], dtype=F64), method, 10.0**log10_tol)
-    torch.testing.assert_close(record.stiffness, lam, rtol=1e-10, atol=0)
+    # The last two stages differ by about the local error (down to ~1e-9 of the state), so their
+    # ratio carries the cancellation of that difference: 1e-6, not machine precision.
+    torch.testing.assert_close(record.stiffness, lam, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("method", METHODS)
