@@ -6,8 +6,9 @@ evaluations per iteration, plus the probes' batch-equivalent NFE where a toleran
 (:func:`train_cost`). Quality is the test NLL at the fixed evaluation tolerance (dopri5, 1e-5),
 compared with the reference arm (FFJORD-style training at fixed 1e-5, :data:`REFERENCE_ARM`)
 seed by seed (every arm of a seed sees the same batches and starts from the same flow). An arm
-is at *equal quality* when its paired NLL difference is at most ``max(std of the reference's
-test NLL over seeds, 0.02 nats)`` (the issue's 2-D bound, or the seed noise if larger).
+is at *equal quality* when its mean paired NLL difference is at most 0.02 nats (the issue's 2-D
+bound; one-sided: better is no worse). The pairing removes the seed-to-seed spread of the test NLL
+itself (much larger at a fixed iteration budget), which the report keeps for reference.
 The evaluation cost (forward NFE of the test solves at 1e-5) says whether a regularised flow is
 also cheaper to use.
 """
@@ -52,7 +53,7 @@ def build_report(runs: Mapping[str, Mapping[str, Sequence[Mapping]]]) -> dict:
             continue
         arms = {arm: _arm_entry(summaries, reference) for arm, summaries in arm_runs.items()}
         ref = arms[REFERENCE_ARM]
-        margin = max(ref["test_nll"]["std"] or 0.0, MIN_NLL_MARGIN)
+        margin = MIN_NLL_MARGIN
         savings = {}
         for arm, entry in arms.items():
             if entry["nfe_train"]["mean"] is None:
@@ -155,7 +156,8 @@ def digits_report(rows: Mapping[str, Sequence[Mapping]]) -> dict:
     """``row -> mean ± std over seeds`` of test bits/dim (x|y), test error, training NFE
     (:func:`digits_cost`), evaluation NFE and seconds per iteration, the per-seed difference of
     bits/dim to :data:`DIGITS_REFERENCE`, the training and evaluation NFE savings against it, and
-    whether the row is at equal quality (paired bits/dim within ``max(0.01, reference std)``)."""
+    whether the row is at equal quality (mean paired bits/dim at most 0.01 above the reference's,
+    the issue's bound on digits)."""
     reference = {s["config"]["seed"]: s for s in rows.get(DIGITS_REFERENCE, [])}
     if not reference:
         raise FileNotFoundError(f"no {DIGITS_REFERENCE!r} runs: the reference of the digits levers study")
@@ -165,7 +167,7 @@ def digits_report(rows: Mapping[str, Sequence[Mapping]]) -> dict:
 
     ref_cost = _mean_std([digits_cost(s) for s in reference.values()])["mean"]
     ref_eval = _mean_std([s["selected"]["test"]["nfe_forward"] for s in reference.values()])["mean"]
-    margin = max(DIGITS_MARGIN_BPD, _mean_std([bpd(s) for s in reference.values()])["std"] or 0.0)
+    margin = DIGITS_MARGIN_BPD
     report = {}
     for name, summaries in rows.items():
         cost = _mean_std([digits_cost(s) for s in summaries])
