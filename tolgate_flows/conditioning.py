@@ -143,6 +143,14 @@ class ConditionedLatent:
     prior and feeds the classifier. Outputs carry ``z``, ``log_px`` and ``log_det`` (nats).
     """
 
+    def _check_labels(self, y: torch.Tensor | None, batch: int) -> None:
+        """``ValueError`` unless ``y`` is an int64 ``(batch,)`` tensor of classes in ``[0, n_classes)``."""
+        if y is None or y.shape != (batch,) or y.dtype != torch.int64:
+            got = None if y is None else f"{y.dtype} {tuple(y.shape)}"
+            raise ValueError(f"a {self.config.kind} model needs int64 labels y of shape ({batch},), got {got}")
+        if bool((y < 0).any()) or bool((y >= self.config.n_classes).any()):
+            raise ValueError(f"labels must be in [0, {self.config.n_classes}), got values {y.unique().tolist()}")
+
     def latent_log_prob(self, z: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(log p(z | y) (B,), logits (B, n_classes) or None)`` of the latent ``z`` ``(B, dims)``."""
         z_y, z_u = self.latent_split.split(z)

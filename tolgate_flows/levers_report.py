@@ -15,12 +15,11 @@ also cheaper to use.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from . import plots
-from .testbed_report import MIN_NLL_MARGIN, _mean_std, _paired_nll, _plain_fixed, aggregate, load_runs
+from .testbed_report import MIN_NLL_MARGIN, _mean_std, _paired_nll, _plain_fixed, aggregate, load_runs, save_report
 
 plt = plots.plt
 
@@ -134,9 +133,7 @@ def write_report(out: Path, results: Path, command: str) -> dict:
     report = build_report(load_runs(out))
     if not report:
         raise FileNotFoundError(f"no finished {REFERENCE_ARM!r} runs under {out}")
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "summary.json").write_text(json.dumps({"command": command, "testbeds": report}, indent=1))
-    plot(report, results / "levers.png")
+    save_report(report, results, command, plot, "levers.png")
     return report
 
 

@@ -217,15 +217,6 @@ class FlowModel(ConditionedLatent, nn.Module):
         x = self.decode(self.latent_split.merge(z_y, z_u))
         return x.clamp(0.0, 1.0)
 
-    def _check_labels(self, y: torch.Tensor | None, batch: int) -> None:
-        if y is None:
-            raise ValueError(f"a {self.config.kind} model needs labels y of shape ({batch},), got None")
-        if y.shape != (batch,) or y.dtype != torch.int64:
-            raise ValueError(f"labels y must be int64 of shape ({batch},), got {y.dtype} {tuple(y.shape)}")
-        if bool((y < 0).any()) or bool((y >= self.config.n_classes).any()):
-            bad = y.unique().tolist()
-            raise ValueError(f"labels must be in [0, {self.config.n_classes}), got values {bad}")
-
 
 def build_model(
     config: ModelConfig,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -179,7 +179,14 @@ def write_report(out: Path, results: Path, command: str) -> dict:
     report = build_report(load_runs(out))
     if not report:
         raise FileNotFoundError(f"no finished runs under {out} (expected <testbed>/<arm>/seed<k>/summary.json)")
+    save_report(report, results, command, plot_frontier, "frontier.png")
+    return report
+
+
+def save_report(
+    report: Mapping[str, dict], results: Path, command: str, plot: Callable[[Mapping, Path], None], figure: str
+) -> None:
+    """Write ``results/summary.json`` (the command and the per-testbed report) and the figure."""
     results.mkdir(parents=True, exist_ok=True)
     (results / "summary.json").write_text(json.dumps({"command": command, "testbeds": report}, indent=1))
-    plot_frontier(report, results / "frontier.png")
-    return report
+    plot(report, results / figure)

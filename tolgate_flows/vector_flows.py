@@ -148,13 +148,6 @@ class VectorFlow(ConditionedLatent, nn.Module):
         self._check_labels(y, out.logits.shape[0])
         return nll + beta * F.cross_entropy(out.logits, y, reduction="none")
 
-    def _check_labels(self, y: torch.Tensor | None, batch: int) -> None:
-        if y is None or y.shape != (batch,) or y.dtype != torch.int64:
-            got = None if y is None else f"{y.dtype} {tuple(y.shape)}"
-            raise ValueError(f"a {self.config.kind} model needs int64 labels of shape ({batch},), got {got}")
-        if bool((y < 0).any()) or bool((y >= self.config.n_classes).any()):
-            raise ValueError(f"labels must be in [0, {self.config.n_classes}), got values {y.unique().tolist()}")
-
 
 def build_vector_flow(
     config: VectorFlowConfig,
