@@ -128,6 +128,13 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
         [*STUDY["s-adaptive"][1], *_RNODE_PENALTIES],
     ),
     "l-rk4": ("InfoCNF, RK4 h=0.25 alone", [*STUDY["s-fixed-1e-5"][1], *_RK4]),
+    "l-local-error": (
+        "InfoCNF, fixed 1e-5 + local-error penalty 0.01",
+        [*STUDY["s-fixed-1e-5"][1], "--local-error", "0.01"],
+    ),
+    "l-stiffness": ("InfoCNF, fixed 1e-5 + stiffness penalty 0.01", [*STUDY["s-fixed-1e-5"][1], "--stiffness", "0.01"]),
+    "l-steer": ("InfoCNF, fixed 1e-5 + STEER b=0.5", [*STUDY["s-fixed-1e-5"][1], "--steer", "0.5"]),
+    "l-seminorm": ("InfoCNF, fixed 1e-5, seminorm adjoint", [*STUDY["s-fixed-1e-5"][1], "--adjoint", "--seminorm"]),
     "l-kinetic-jacobian": ("InfoCNF, fixed 1e-5 + kinetic + Jacobian", [*STUDY["s-fixed-1e-5"][1], *_RNODE_PENALTIES]),
 }
 
