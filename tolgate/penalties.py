@@ -99,12 +99,11 @@ class StageTape:
     :meth:`step_started` / :meth:`accepted` / :meth:`rejected` from torchdiffeq's step callbacks. A step's stages
     are ``f0`` (the derivative at the step's start: the solve's first evaluation, then the last
     stage of the previous accepted step, first-same-as-last) and the evaluations after the step
-    callback, in the tableau's order. ``sign``: -1 when the solve runs backwards in time (set
-    by the backend once the solve's direction is known).
+    callback, in the tableau's order. ``sign`` is -1 when the solve runs backwards in time.
     """
 
     def __init__(
-        self, c_sol: torch.Tensor, c_error: torch.Tensor, rtol: Tolerance, atol: Tolerance, sign: float = 1.0
+        self, c_sol: torch.Tensor, c_error: torch.Tensor, rtol: Tolerance, atol: Tolerance, sign: float
     ) -> None:
         self.c_sol = [float(c) for c in c_sol]
         self.c_error = [float(c) for c in c_error]

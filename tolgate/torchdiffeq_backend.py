@@ -337,8 +337,6 @@ class TorchdiffeqRun:
         if request.state_dtype in LOW_PRECISION_DTYPES and t.dtype in LOW_PRECISION_DTYPES:
             t = t.to(torch.float32)  # the solver's time in at least float32 (see checks)
         field.arm(request.times, torch.finfo(_time_dtype(t, request.y0)).eps, self.budgets, self.step_size_rules)
-        if tape is not None:
-            tape.sign = field.sign
         odeint = _TORCHDIFFEQ_ODEINT_ADJOINT if settings.adjoint else _TORCHDIFFEQ_ODEINT
         try:
             out = odeint(field, request.y0, t, **self.kwargs)
@@ -366,7 +364,8 @@ class TorchdiffeqRun:
         if not request.settings.penalties or request.method not in ADAPTIVE_METHODS:
             return None
         tableau = SOLVERS[request.method].tableau
-        return StageTape(tableau.c_sol, tableau.c_error, request.choice.rtol, request.choice.atol)
+        sign = 1.0 if request.times[-1] >= request.times[0] else -1.0
+        return StageTape(tableau.c_sol, tableau.c_error, request.choice.rtol, request.choice.atol, sign)
 
     @property
     def step_size_rules(self) -> bool:
