@@ -1,6 +1,8 @@
 """tolgate: adaptive ODE solves with exact NFE accounting and learned error tolerances.
 
-Where things live: tolerances (or step sizes) are chosen in :mod:`tolgate.policies`, a solve is
+Where things live: tolerances (or step sizes) are chosen in :mod:`tolgate.policies`; the cost
+ladder of settings (tolerances and fixed grids) is :mod:`tolgate.ladder`, and the automatic rule
+that moves each block on it after a check against a reference solve is :mod:`tolgate.climb`; a solve is
 run by :mod:`tolgate.solver` through a backend (:mod:`tolgate.backends`; torchdiffeq's internals
 only in :mod:`tolgate.torchdiffeq_backend`), NFEs are counted in :mod:`tolgate.counting` and
 stored in :mod:`tolgate.records`, the REINFORCE loss is formed in :mod:`tolgate.reinforce`; gate
@@ -9,6 +11,7 @@ torchdiffeq's (:mod:`tolgate.dropin`).
 """
 
 from .backends import BACKENDS, PerSampleBackend
+from .climb import ClimbReport, climb, ladder_policies
 from .dropin import odeint, odeint_adjoint
 from .errors import (
     AdjointParamsError,
@@ -19,6 +22,7 @@ from .errors import (
     StepSizeUnderflow,
 )
 from .gates import ConvGate, MLPGate
+from .ladder import REFERENCE_SETTING, FixedSetting, LadderPolicy, SolverLadder, SolverSetting
 from .persample import PerSampleData, from_torchdiffeq, index_aware, solve_per_sample
 from .policies import (
     FixedStepSize,
@@ -48,6 +52,14 @@ __all__ = [
     "odeint",
     "odeint_adjoint",
     "Calibration",
+    "ClimbReport",
+    "FixedSetting",
+    "LadderPolicy",
+    "REFERENCE_SETTING",
+    "SolverLadder",
+    "SolverSetting",
+    "climb",
+    "ladder_policies",
     "ConvGate",
     "FixedTolerance",
     "GatedSolver",

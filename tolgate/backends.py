@@ -174,10 +174,12 @@ class PerSampleBackend:
                 "backend 'per_sample' has no event handling (every sample would stop at its own time and "
                 "the output would be ragged); use backend='torchdiffeq' for event_fn"
             )
-        if choice.rtol is None or choice.atol is None or choice.step_size is not None or choice.per_element:
+        grid = choice.step_size is not None or choice.grid_steps is not None
+        if choice.rtol is None or choice.atol is None or grid or choice.per_element:
             raise ValueError(
                 "backend 'per_sample' takes rtol/atol (a float or one per sample) from the policy, "
-                f"got rtol={choice.rtol!r}, step_size={choice.step_size!r}, per_element={choice.per_element}"
+                f"got rtol={choice.rtol!r}, step_size={choice.step_size!r}, grid_steps={choice.grid_steps!r}, "
+                f"per_element={choice.per_element}"
             )
         callbacks = step_callbacks(request.func)
         if callbacks:  # torchdiffeq, too, warns about the callbacks a solver does not call

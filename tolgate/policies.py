@@ -53,6 +53,12 @@ class ToleranceChoice:
     ``per_element``: ``rtol``/``atol`` are in torchdiffeq's own layout (a tensor broadcastable to
     the state, or a tuple with one per state tensor) and go to torchdiffeq unchanged, unvalidated
     (how :func:`tolgate.odeint` passes a caller's tensor tolerances through).
+    ``method``: the method of this solve, chosen by the policy (a rung of a
+    :class:`~tolgate.ladder.SolverLadder`); ``None`` keeps the solver's own (``method``, or
+    ``eval_method`` in eval mode).
+    ``grid_steps``: for fixed-grid methods, the number of equal steps over the solve's time span
+    ``[t[0], t[-1]]`` (the grid is ``linspace``, so the last step is not a rounding sliver);
+    exclusive with ``step_size``.
     """
 
     rtol: Tolerance | None
@@ -61,9 +67,19 @@ class ToleranceChoice:
     log_prob: torch.Tensor | None = None
     step_size: float | None = None
     per_element: bool = False
+    method: str | None = None
+    grid_steps: int | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError``/``TypeError`` unless the choice can be solved with (see the fields)."""
+        if self.grid_steps is not None:
+            validate_grid_steps(self.grid_steps)
+            if self.step_size is not None:
+                raise ValueError(
+                    f"a choice sets step_size={self.step_size!r} or grid_steps={self.grid_steps!r}, not both"
+                )
+            if self.rtol is None and self.atol is None:
+                return
         if self.step_size is not None:
             _validate_step_size(self.step_size)
             if self.rtol is None and self.atol is None:
@@ -71,7 +87,7 @@ class ToleranceChoice:
         if self.per_element:
             return
         if self.rtol is None or self.atol is None:
-            raise ValueError("a choice without rtol/atol must set step_size (a fixed-grid policy)")
+            raise ValueError("a choice without rtol/atol must set step_size or grid_steps (a fixed-grid policy)")
         validate_tolerance(self.rtol, "rtol")
         validate_tolerance(self.atol, "atol")
 
@@ -81,6 +97,13 @@ def _validate_step_size(step_size: float) -> None:
         raise TypeError(f"step_size must be a float (time units), got {type(step_size).__name__}")
     if not math.isfinite(step_size) or step_size <= 0:
         raise ValueError(f"step_size must be finite and > 0, got {step_size!r}")
+
+
+def validate_grid_steps(steps: int) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"grid_steps must be an int (steps over the time span), got {type(steps).__name__}")
+    if steps < 1:
+        raise ValueError(f"grid_steps must be >= 1, got {steps!r}")
 
 
 def _validate_atol_ratio(atol_ratio: float) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -32,16 +32,19 @@ from .policies import FixedTolerance, GaussianGate, NoiseMatchedTolerance, Progr
 from .records import SolveRecord
 from .reinforce import leave_one_out_loss
 from .scopes import collect_records, use_policies
+from .solver import gated_solvers
 
 Objective = Callable[[], torch.Tensor]
 
 
 @dataclass
 class Probe:
-    """One probe: ``objective`` ``(batch,)`` (float64, detached) and the solves it made, in order."""
+    """One probe: ``objective`` ``(batch,)`` (float64, detached), the solves it made, in order,
+    and the same solves per solver of the module (in :func:`~tolgate.gated_solvers` order)."""
 
     objective: torch.Tensor
     records: list[SolveRecord]
+    records_by_solver: list[list[SolveRecord]] = field(default_factory=list)
 
     @property
     def nfe_forward(self) -> int:
@@ -96,8 +99,10 @@ def run_probe(
         _eval_mode(module),
         use_policies(module, policy_for),
         collect_records(module) as records,
+        contextlib.ExitStack() as per_solver,
         _common_noise(noise_seed, device),
     ):
+        by_solver = [per_solver.enter_context(collect_records(solver)) for solver in gated_solvers(module)]
         values = objective()
     if values.dim() != 1:
         raise ValueError(
@@ -105,7 +110,7 @@ def run_probe(
         )
     if not bool(torch.isfinite(values).all()):
         raise ValueError("the probe objective is NaN or infinite: cannot measure the solver error")
-    return Probe(values.detach().to(torch.float64), list(records))
+    return Probe(values.detach().to(torch.float64), list(records), [list(solves) for solves in by_solver])
 
 
 def reference_probe(module: nn.Module, objective: Objective, tolerance: float, noise_seed: int) -> Probe:

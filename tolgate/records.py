@@ -80,6 +80,8 @@ class SolveRecord:
         step_size: the fixed-grid step size (time units) the solve used, from the policy's
             choice or ``options["step_size"]``; ``None`` for adaptive methods and for a
             fixed-grid solve on the grid of ``t``.
+        grid_steps: the number of equal steps over the time span, where the policy chose the grid
+            that way (a :class:`~tolgate.ladder.SolverLadder` rung), else ``None``.
         log10_tolerance: ``log10(rtol)`` as drawn by the policy (detached; shape ``()`` or
             ``(batch,)``), or ``None`` for policies that do not work in log space.
         log_prob: log-probability of the drawn tolerance under the policy, shape ``()`` or
@@ -121,6 +123,7 @@ class SolveRecord:
     rtol: Tolerance | None
     atol: Tolerance | None
     step_size: float | None = None
+    grid_steps: int | None = None
     log10_tolerance: torch.Tensor | None = None
     log_prob: torch.Tensor | None = None
     nfe_forward: int = 0
@@ -161,6 +164,18 @@ class SolveRecord:
         if isinstance(self.rtol, torch.Tensor):
             return float(self.rtol.double().log10().mean())
         return math.log10(self.rtol)
+
+    @property
+    def setting(self) -> str:
+        """The solver setting as :class:`~tolgate.ladder.SolverSetting` writes it: ``"dopri5:1e-05"``
+        (method:rtol; per-sample tolerances by their geometric mean), ``"rk4:4"`` (method:grid
+        steps); ``"rk4 h=0.25"`` for a step size; the method alone on the grid of ``t``."""
+        if self.grid_steps is not None:
+            return f"{self.method}:{self.grid_steps}"
+        if self.step_size is not None:
+            return f"{self.method} h={self.step_size:g}"
+        log10 = self.mean_log10_tolerance
+        return self.method if log10 is None else f"{self.method}:{10.0**log10:.3g}"
 
     @property
     def nfe_total(self) -> int:

@@ -218,7 +218,7 @@ class GatedSolver(nn.Module):
         if context is None:
             context = y0[0] if isinstance(y0, tuple) else y0
         choice = self.choose_tolerance(context)
-        method = self.method if self.training or self.eval_method is None else self.eval_method
+        method = self._method_for(choice)
         request = SolveRequest(
             self,
             method,
@@ -239,12 +239,20 @@ class GatedSolver(nn.Module):
             rtol=run.rtol,
             atol=run.atol,
             step_size=run.step_size,
+            grid_steps=choice.grid_steps,
             log10_tolerance=choice.log10_tolerance,
             log_prob=choice.log_prob,
         )
         self.records.append(record)
         announce(self, record)
         return _run_recorded(run, record)
+
+    def _method_for(self, choice: ToleranceChoice) -> str:
+        """The method of this call: the policy's choice (a ladder rung), else the solver's own for the mode."""
+        if choice.method is not None:
+            self.backend.check(choice.method, self.adjoint, self.adjoint_method)
+            return choice.method
+        return self.method if self.training or self.eval_method is None else self.eval_method
 
     def extra_repr(self) -> str:
         methods = self.method if self.eval_method is None else f"{self.method} (eval {self.eval_method})"

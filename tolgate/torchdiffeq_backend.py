@@ -56,6 +56,7 @@ from .records import SolveRecord, SolveStatus
 
 if TYPE_CHECKING:
     from .backends import SolveRequest
+    from .policies import ToleranceChoice
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
 TorchdiffeqTolerance = float | torch.Tensor | tuple[torch.Tensor, ...]
@@ -396,7 +397,7 @@ class TorchdiffeqBackend:
         settings, choice = request.settings, request.choice
         method = request.method
         options = {k: v for k, v in settings.options.items() if k != "max_num_steps"}
-        step_size = _step_size(choice.step_size, method, options)
+        step_size = _grid(choice, method, options, request.times)
         uses_tolerance = method in TOLERANCE_METHODS or request.event_fn is not None
         rtol, atol = _tolerances(request, uses_tolerance)
         if settings.penalties and choice.per_element and method in ADAPTIVE_METHODS:
@@ -444,19 +445,38 @@ def _time_dtype(t: torch.Tensor, y0: State) -> torch.dtype:
     return time_dtype
 
 
-def _step_size(step_size: float | None, method: str, options: dict[str, Any]) -> float | None:
-    """The fixed-grid step size of the solve; a policy's choice goes into ``options``."""
-    if step_size is None:
+class UniformGrid:
+    """torchdiffeq's ``grid_constructor`` for ``steps`` equal steps over ``[t[0], t[-1]]``.
+
+    ``linspace`` rather than ``options["step_size"] = span / steps``: torchdiffeq builds that grid
+    with ``ceil(span / step_size + 1)`` points, and the rounding of ``span / steps`` can add a
+    sliver of a last step that costs a whole step's evaluations."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def __call__(self, func: Any, y0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.linspace(float(t[0]), float(t[-1]), self.steps + 1, dtype=t.dtype, device=t.device)
+
+
+def _grid(choice: ToleranceChoice, method: str, options: dict[str, Any], times: list[float]) -> float | None:
+    """The fixed-grid step size of the solve; a policy's ``step_size`` or ``grid_steps`` goes into ``options``."""
+    chosen = choice.step_size if choice.grid_steps is None else f"grid_steps={choice.grid_steps}"
+    if chosen is None:
         return options.get("step_size")
     if method not in FIXED_GRID_METHODS:
         raise ValueError(
-            f"the policy chose step_size={step_size:g}, which needs a fixed-grid method {FIXED_GRID_METHODS}; "
-            f"method {method!r} chooses its own steps"
+            f"the policy chose {chosen if isinstance(chosen, str) else f'step_size={chosen:g}'}, which needs a "
+            f"fixed-grid method {FIXED_GRID_METHODS}; method {method!r} chooses its own steps"
         )
-    if "grid_constructor" in options:
-        raise ValueError("the policy chose a step_size, but options has a grid_constructor (mutually exclusive)")
-    options["step_size"] = step_size
-    return step_size
+    for option in ("grid_constructor", "step_size"):
+        if option in options:
+            raise ValueError(f"the policy chose the grid, but options has a {option} (mutually exclusive)")
+    if choice.grid_steps is None:
+        options["step_size"] = choice.step_size
+        return choice.step_size
+    options["grid_constructor"] = UniformGrid(choice.grid_steps)
+    return abs(times[-1] - times[0]) / choice.grid_steps
 
 
 def _tolerances(request: SolveRequest, uses_tolerance: bool) -> tuple[TorchdiffeqTolerance, TorchdiffeqTolerance]:

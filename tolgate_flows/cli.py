@@ -75,6 +75,7 @@ _NONE_MEANS = {
     "max_eval_batches": "all",
     "max_num_steps": "unlimited",
     "train_method": "off, train with --method",
+    "ladder": "dopri5 at every decade 1e-8..1e-1, then rk4:8 rk4:4 rk4:2 rk4:1",
 }
 
 _MAY_CHANGE = ", ".join(sorted(flag_of(name) for name in RESUME_MAY_CHANGE))
@@ -144,13 +145,16 @@ _HELP = {
     "reward_backward_nfe": "reward -(forward + backward) NFE instead of forward NFE",
     "reward_loss_weight": "weight of the task loss inside the REINFORCE return (Eq. 7 uses 1; 0: NFE only)",
     "estimator": "learned: 'probe' (draws on a probe of the batch, reference-calibrated return) or 'paper' (Eq. 7)",
-    "probe_every": "probe estimator / adaptive: probe every N iterations",
+    "probe_every": "probe estimator / adaptive / auto: probe every N iterations",
     "probe_size": "rows of the batch each probe solves",
     "probe_draws": "probe estimator: gate draws per probe (>= 2)",
-    "budget_fraction": "solver-error budget as a fraction of the minibatch loss's standard error (probe, adaptive)",
+    "budget_fraction": "solver-error budget as a fraction of the minibatch loss's standard error (probe, adaptive, "
+    "auto)",
     "penalty": "probe estimator: initial Lagrange multiplier of the solver-error budget",
     "multiplier_lr": "probe estimator: dual-ascent step of that multiplier (0: fixed penalty)",
     "adaptive_step": "adaptive: decades moved per calibration",
+    "ladder": "auto: the solver settings each block may use, expensive to cheap, as method:tolerance or "
+    "method:steps (e.g. dopri5:1e-5 dopri5:1e-2 rk4:4 rk4:1); blocks start at dopri5 --train-tol",
     "device": "cpu, cuda, cuda:1, ...",
     "out": "output folder (metrics.jsonl, checkpoints, plots, summary.json)",
     "hidden": "filters of each ODE net's convolutions",

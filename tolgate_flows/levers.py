@@ -162,6 +162,11 @@ def check_compatible(
                 "has adaptive methods only"
             )
     if levers.solver_penalties:
+        if tolerance_mode == "auto":
+            raise ValueError(
+                "local_error / stiffness penalties come from an adaptive solver's error estimate; tolerance mode "
+                "'auto' may train on fixed-grid rungs without one"
+            )
         if adjoint:
             raise ValueError(
                 "local_error / stiffness penalties need adjoint off: the adjoint method's forward solve keeps "

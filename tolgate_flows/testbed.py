@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from tolgate import (
+    FixedSetting,
     FixedTolerance,
     MLPGate,
     TolerancePolicy,
@@ -163,7 +164,9 @@ class TestbedConfig:
 class StepStats:
     """What one training iteration measured. NFE summed over blocks; ``log10_tolerance`` per
     block (``None`` on a fixed grid); ``nll`` and ``cross_entropy`` (``None`` for cnf) batch means
-    in nats; ``penalties`` the levers' values before weighting."""
+    in nats; ``penalties`` the levers' values before weighting; ``settings`` each training solve's
+    solver setting (``record.setting``); ``rungs`` each block's ladder rung in ``auto`` mode
+    (``None`` otherwise), both as this iteration trained, before its probes moved anything."""
 
     nfe_forward: int
     nfe_backward: int
@@ -173,6 +176,8 @@ class StepStats:
     cross_entropy: float | None
     seconds: float
     penalties: PenaltyValues = field(default_factory=PenaltyValues)
+    settings: list[str] = field(default_factory=list)
+    rungs: list[int] | None = None
 
 
 def batch_at(config: TestbedConfig, iteration: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -217,6 +222,7 @@ def train_step(
     total, penalties = with_penalties(loss, config.levers, out.regularisers, records)
     optimizer.zero_grad(set_to_none=True)
     learner.backward(total, records, loss.detach())
+    rungs = [p.index for p in policies] if config.tolerance.mode == "auto" else None
     rows = config.tolerance.probe_size
     probe_x, probe_y = x[:rows], None if y is None else y[:rows]
 
@@ -235,6 +241,8 @@ def train_step(
         cross_entropy=cross_entropy,
         seconds=time.perf_counter() - start,
         penalties=penalties,
+        settings=[r.setting for r in records],
+        rungs=rungs,
     )
 
 
@@ -282,6 +290,8 @@ def _window(stats: Sequence[StepStats], iteration: int) -> dict:
         "log10_tolerance": [_mean(b) for b in blocks],
         **{name: _mean([getattr(s.penalties, name) for s in stats]) for name in PENALTIES},
         "seconds_per_iteration": _mean([s.seconds for s in stats]),
+        "settings": stats[-1].settings,
+        "rungs": None if stats[-1].rungs is None else [_mean(b) for b in zip(*(s.rungs for s in stats), strict=True)],
     }
 
 
@@ -343,10 +353,14 @@ def _summarise(model: VectorFlow, config: TestbedConfig, stats: Sequence[StepSta
     integral_at_eval = density_integral(model, *data.box, config.points_per_axis)
     at_used: HeldOutMetrics | None = None
     integral_at_used: float | None = None
-    if config.levers.train_method is None:  # a fixed grid in training used no tolerance
+    used: dict[int, TolerancePolicy] | None = None
+    if config.tolerance.mode == "auto":  # the rung each block ended on
+        used = {id(s): FixedSetting(s.policy.setting) for s in gated_solvers(model)}
+    elif config.levers.train_method is None:  # a fixed grid in training used no tolerance
         used = {
             id(s): FixedTolerance(10.0**t) for s, t in zip(gated_solvers(model), final["log10_tolerance"], strict=True)
         }
+    if used is not None:
         with use_policies(model, lambda solver: used[id(solver)]):
             at_used = evaluate(model, x, y)
             integral_at_used = density_integral(model, *data.box, config.points_per_axis)
@@ -362,6 +376,7 @@ def _summarise(model: VectorFlow, config: TestbedConfig, stats: Sequence[StepSta
         "probe_nfe_equivalent": run["probe_nfe_equivalent"],
         "nfe_total": run["nfe_forward"] + run["probe_nfe_equivalent"],
         "final_log10_tolerance": final["log10_tolerance"],
+        "final_settings": final["settings"],
         "final_train_nll": final["nll"],
         "final_train_cross_entropy": final["cross_entropy"],
         "test_nll": at_eval.nll,

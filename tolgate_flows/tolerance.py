@@ -13,6 +13,12 @@ Modes (``TOLERANCE_MODES``):
 * ``adaptive``: :class:`tolgate.NoiseMatchedTolerance`, one tolerance for every block, moved by
   :func:`tolgate.calibrate` to the loosest one whose solver error stays below a fraction of the
   minibatch noise. Deterministic, no RL.
+* ``auto``: a :class:`tolgate.LadderPolicy` per block on a cost ladder of tolerances *and* fixed
+  grids (``ladder``; default dopri5 at every decade from ``tolerance_low`` to ``tolerance_high``,
+  then RK4 with 8, 4, 2, 1 steps), moved by :func:`tolgate.climb`: a block goes down only while
+  the solver error of the objective against a dopri5 reference at ``reference_tol`` stays within
+  ``budget_fraction`` of the minibatch noise, and back up as soon as a check fails. No step or
+  tolerance is set by hand.
 
 :class:`ToleranceLearner` is what a training loop calls: :meth:`~ToleranceLearner.backward`
 replaces ``loss.backward()``, :meth:`~ToleranceLearner.probe` runs after it every
@@ -31,18 +37,22 @@ from torch import nn
 from tolgate import (
     FixedTolerance,
     GaussianGate,
+    LadderPolicy,
     NoiseMatchedTolerance,
     ProbedGateEstimator,
     RunningMeanBaseline,
     ScheduledTolerance,
     SolveRecord,
+    SolverLadder,
+    SolverSetting,
     TolerancePolicy,
     calibrate,
+    climb,
     reinforce_loss,
 )
 from tolgate.probes import Objective
 
-TOLERANCE_MODES = ("fixed", "scheduled", "learned", "frozen", "gate-mean", "adaptive")
+TOLERANCE_MODES = ("fixed", "scheduled", "learned", "frozen", "gate-mean", "adaptive", "auto")
 ESTIMATORS = ("probe", "paper")
 # (block index, gate input size: channels or features) -> that block's policy.
 PolicyFactory = Callable[[int, int], TolerancePolicy]
@@ -58,7 +68,9 @@ class ToleranceConfig:
     estimator's and the adaptive policy's; ``reference_tol`` is their tight reference solve;
     ``exploration_std`` the probe estimator's spread of draws around each gate's mean (decades);
     ``penalty`` the initial Lagrange multiplier of its solver-error budget and ``multiplier_lr``
-    the multiplier's dual-ascent step (0: a fixed penalty).
+    the multiplier's dual-ascent step (0: a fixed penalty). ``ladder``: the ``auto`` mode's rungs,
+    expensive to cheap, as ``method:tolerance`` or ``method:steps`` (``None``: the default ladder,
+    see the module docstring); every block starts at dopri5 ``train_tol``.
     """
 
     mode: str = "fixed"
@@ -83,6 +95,7 @@ class ToleranceConfig:
     adaptive_step: float = 0.5
     tolerance_low: float = 1e-8
     tolerance_high: float = 1e-1
+    ladder: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in TOLERANCE_MODES:
@@ -112,11 +125,41 @@ class ToleranceConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+        if self.mode == "auto":
+            if self.per_sample:
+                raise ValueError(
+                    "tolerance mode 'auto' climbs a ladder with fixed-grid rungs, which the per-sample backend "
+                    "cannot solve: use the torchdiffeq backend"
+                )
+            ladder = solver_ladder(self)
+            if self.start_setting not in ladder.settings:
+                raise ValueError(f"auto mode starts at {self.start_setting}, which is not on the ladder {ladder}")
+
+    @property
+    def start_setting(self) -> SolverSetting:
+        """Where every block of the ``auto`` mode starts: dopri5 at ``train_tol``."""
+        return SolverSetting("dopri5", tolerance=self.train_tol)
+
+    @property
+    def reference_setting(self) -> SolverSetting:
+        """The probes' tight reference (and the evaluation protocol): dopri5 at ``reference_tol``."""
+        return SolverSetting("dopri5", tolerance=self.reference_tol)
 
     @property
     def probes(self) -> bool:
         """Does this configuration run probes (probe estimator or adaptive policy)?"""
-        return self.mode == "adaptive" or (self.mode == "learned" and self.estimator == "probe")
+        return self.mode in ("adaptive", "auto") or (self.mode == "learned" and self.estimator == "probe")
+
+
+def solver_ladder(config: ToleranceConfig) -> SolverLadder:
+    """The ``auto`` mode's ladder: ``config.ladder`` read rung by rung, or the default: dopri5 at
+    every decade from ``tolerance_low`` to ``tolerance_high`` (and at ``train_tol``), then RK4
+    with 8, 4, 2 and 1 steps."""
+    if config.ladder is not None:
+        return SolverLadder([SolverSetting.parse(text) for text in config.ladder])
+    low, high = math.ceil(math.log10(config.tolerance_low) - 1e-9), math.floor(math.log10(config.tolerance_high) + 1e-9)
+    tolerances = {10.0**k for k in range(low, high + 1)} | {config.train_tol}
+    return SolverLadder.default(tolerances=sorted(tolerances))
 
 
 def policy_factory(config: ToleranceConfig, gate_net: Callable[[int], nn.Module]) -> PolicyFactory:
@@ -142,6 +185,8 @@ def policy_factory(config: ToleranceConfig, gate_net: Callable[[int], nn.Module]
             return FixedTolerance(10.0 ** config.gate_mean_log10[index])
         if config.mode == "adaptive":
             return adaptive
+        if config.mode == "auto":
+            return LadderPolicy(solver_ladder(config), start=config.start_setting)
         gate = GaussianGate(
             gate_net(size),
             low=config.tolerance_low,
@@ -166,6 +211,7 @@ class ProbeCost:
     error: float | None = None
     budget: float | None = None
     tolerance: float | None = None
+    settings: list[str] | None = None
 
 
 class ToleranceLearner:
@@ -212,6 +258,20 @@ class ToleranceLearner:
         if not self.config.probes or step % self.config.probe_every != 0:
             return ProbeCost()
         noise_seed = (self.seed * 1_000_003 + step) % (2**31)
+        if self.config.mode == "auto":
+            climbed = climb(
+                model,
+                objective,
+                noise_seed,
+                batch_size,
+                reference=self.config.reference_setting,
+                fraction=self.config.budget_fraction,
+                turn=step // self.config.probe_every,
+            )
+            nfe, rows = climbed.nfe_forward, climbed.rows
+            return ProbeCost(
+                nfe, rows, nfe * rows / batch_size, climbed.error, climbed.budget, settings=climbed.settings_after
+            )
         if self.config.mode == "adaptive":
             policy = next(p for p in policies if isinstance(p, NoiseMatchedTolerance))
             report = calibrate(policy, model, objective, noise_seed, batch_size, self.config.reference_tol)

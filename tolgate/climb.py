@@ -1,0 +1,186 @@
+"""The automatic solver policy's rule: check the blocks' rungs on a probe of the batch, then move.
+
+Every block's solver holds a :class:`~tolgate.ladder.LadderPolicy`. Every few training steps
+:func:`climb` runs, on the first rows of the training batch, under ``no_grad`` and on common random
+numbers (the same rows, the same Hutchinson noise, no dropout: :func:`tolgate.probes.run_probe`):
+
+1. **Reference.** Every block at the tight ``reference`` setting (dopri5 at 1e-5, the evaluation
+   protocol): per-sample objective ``L_ref``, and the budget
+   ``fraction * std(L_ref) / sqrt(batch_size)``, a fraction of the training minibatch's own noise.
+2. **Check.** Every block at its current rung: the solver error ``mean_i |L_i - L_ref,i|``. While
+   it exceeds the budget, every block retreats one rung (towards the reference, where the error
+   is 0) and the check is repeated: training never continues on a setting that failed.
+3. **Descend** (only when the check passed at once). One block, in turn, looks for the cheapest
+   of its eligible rungs below (:meth:`~tolgate.ladder.LadderPolicy.cheaper`) that passes with
+   the other blocks where they stand: the cheapest first, then by bisection between the current
+   rung and it, taking a rung whose error stays within the budget and whose probe costs no more
+   evaluations than the current one. Bisection assumes that a rung passes when a cheaper one does;
+   where that fails (a loose tolerance that fails above a fine grid that passes: RK4 with 2 steps
+   can be more accurate than dopri5 at 1e-2) it may stop above the cheapest passing rung, never
+   below a failing one, since every move is itself checked.
+
+Why this budget. SGD already follows a gradient estimate whose loss carries the sampling error
+``std(L) / sqrt(B)`` of the minibatch. A deterministic solver error well below that noise changes
+nothing a training run can measure, and accuracy beyond it is work bought for nothing: the "norm
+test" of dynamic sample-size methods (Byrd et al. 2012), applied to the solver. The error is the
+mean of per-sample absolute errors, which bounds the error of the batch mean and cannot cancel.
+It is measured against a tight reference, never by the training objective at the cheap setting:
+a coarse grid can flatter the objective (a model trained at one RK4 step learns the
+discretisation, and its training NLL reads 1.06 nats where the ODE it defines scores 10.96), and
+that is exactly the case the check catches, the first time it is run after it happens.
+
+Cost. A climb costs 2 probes when the check passes and no block can move, 3 when the cheapest
+rung passes, about ``3 + log2(rungs)`` otherwise, and one more per retreat;
+:attr:`ClimbReport.nfe_forward` counts every evaluation, on ``rows`` samples each, so runs can
+report it next to the training NFE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from .ladder import REFERENCE_SETTING, FixedSetting, LadderPolicy, SolverSetting
+from .probes import Objective, Probe, minibatch_noise, run_probe
+from .solver import GatedSolver, gated_solvers
+
+
+@dataclass
+class ClimbReport:
+    """What one :func:`climb` measured and did. Errors, ``budget`` and ``noise`` in the objective's
+    units; rungs and settings per :class:`~tolgate.ladder.LadderPolicy`, in solver order."""
+
+    rungs_before: list[int]
+    rungs_after: list[int]
+    settings_after: list[str]
+    error: float  # at the settings training goes on with before any descent (after retreats)
+    candidate_error: float | None  # of the joint descent, when one was tried
+    budget: float
+    noise: float
+    retreats: int
+    descended: bool
+    probes: int
+    nfe_forward: int  # every evaluation of every probe
+    rows: int  # samples per probe
+
+
+def ladder_policies(module: nn.Module) -> list[LadderPolicy]:
+    """The distinct :class:`LadderPolicy` objects of ``module``'s solvers, in solver order;
+    ``TypeError`` naming the solver whose policy is something else."""
+    policies: list[LadderPolicy] = []
+    for k, solver in enumerate(gated_solvers(module)):
+        if not isinstance(solver.policy, LadderPolicy):
+            raise TypeError(f"solver {k} has policy {type(solver.policy).__name__}; climb needs LadderPolicy")
+        if all(solver.policy is not p for p in policies):
+            policies.append(solver.policy)
+    if not policies:
+        raise ValueError(f"{type(module).__name__} contains no GatedSolver: nothing to climb")
+    return policies
+
+
+def climb(
+    module: nn.Module,
+    objective: Objective,
+    noise_seed: int,
+    batch_size: int,
+    reference: SolverSetting = REFERENCE_SETTING,
+    fraction: float = 0.1,
+    turn: int = 0,
+) -> ClimbReport:
+    """One check-and-move of every :class:`~tolgate.ladder.LadderPolicy` in ``module`` (see the
+    module docstring). ``objective``: ``() -> (rows,)`` per-sample losses of the probe rows;
+    ``noise_seed``: the probes' common random numbers; ``batch_size``: the *training* minibatch
+    size; ``turn``: which block tries alone when a joint descent fails (``turn % blocks``)."""
+    if not fraction > 0:
+        raise ValueError(f"fraction must be > 0, got {fraction!r}")
+    policies = ladder_policies(module)
+    before = [p.index for p in policies]
+    fixed = FixedSetting(reference)
+    ref = run_probe(module, objective, lambda solver: fixed, noise_seed)
+    noise = minibatch_noise(ref, batch_size)
+    budget = fraction * noise
+    probes = [ref]
+
+    def probe(settings: dict[int, SolverSetting]) -> Probe:
+        policy_of = {id(p): FixedSetting(settings.get(id(p), p.setting)) for p in policies}
+        probes.append(run_probe(module, objective, lambda solver: policy_of[id(solver.policy)], noise_seed))
+        return probes[-1]
+
+    current = probe({})
+    retreats = 0
+    while current.error_against(ref) > budget:
+        if all(p.index == 0 for p in policies):
+            break
+        for p in policies:
+            p.move_to(max(p.index - 1, 0))
+        retreats += 1
+        current = probe({})
+    error, candidate_error, descended = current.error_against(ref), None, False
+    if retreats == 0 and error <= budget:
+        candidate_error, descended = _descend(policies, current, ref, budget, probe, turn, module)
+    return ClimbReport(
+        rungs_before=before,
+        rungs_after=[p.index for p in policies],
+        settings_after=[str(p.setting) for p in policies],
+        error=error,
+        candidate_error=candidate_error,
+        budget=budget,
+        noise=noise,
+        retreats=retreats,
+        descended=descended,
+        probes=len(probes),
+        nfe_forward=sum(p.nfe_forward for p in probes),
+        rows=int(ref.objective.numel()),
+    )
+
+
+def _descend(
+    policies: list[LadderPolicy],
+    current: Probe,
+    ref: Probe,
+    budget: float,
+    probe: Callable[[dict[int, SolverSetting]], Probe],
+    turn: int,
+    module: nn.Module,
+) -> tuple[float | None, bool]:
+    """Step 3 of the rule: the cheapest passing rung of one block; returns the error of the first
+    candidate tried (``None`` if no block could move) and whether the block moved."""
+    nfe_now = _nfe_per_solve(module, current)
+    movable = [p for p in policies if p.cheaper(nfe_now[id(p)])]
+    if not movable:
+        return None, False
+    policy = movable[turn % len(movable)]
+    rungs = policy.cheaper(nfe_now[id(policy)])
+
+    def passes(rung: int) -> tuple[bool, float]:
+        candidate = probe({id(policy): policy.ladder[rung]})
+        error = candidate.error_against(ref)
+        return error <= budget and candidate.nfe_forward <= current.nfe_forward, error
+
+    ok, first_error = passes(rungs[-1])  # the cheapest first: where a smooth field often ends
+    if ok:
+        policy.move_to(rungs[-1])
+        return first_error, True
+    passing, failing = -1, len(rungs) - 1  # bisect: rungs[passing] passes (-1: the current one)
+    while failing - passing > 1:
+        middle = (passing + failing) // 2
+        if passes(rungs[middle])[0]:
+            passing = middle
+        else:
+            failing = middle
+    if passing >= 0:
+        policy.move_to(rungs[passing])
+    return first_error, passing >= 0
+
+
+def _nfe_per_solve(module: nn.Module, probe: Probe) -> dict[int, float]:
+    """Mean forward evaluations per solve of each policy's solvers in ``probe`` (by policy id)."""
+    totals: dict[int, list[int]] = {}
+    solvers: list[GatedSolver] = list(gated_solvers(module))
+    for solver, records in zip(solvers, probe.records_by_solver, strict=True):
+        entry = totals.setdefault(id(solver.policy), [0, 0])
+        entry[0] += sum(r.nfe_forward for r in records)
+        entry[1] += len(records)
+    return {key: total / max(count, 1) for key, (total, count) in totals.items()}
