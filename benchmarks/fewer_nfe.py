@@ -44,7 +44,7 @@ from tolgate_flows.tolerance import ToleranceConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 # The learned-tolerance study's 2-D presets (benchmarks/learned_tolerance.py): one block, 400 iterations.
-_TWO_D = {"kind": "cnf", "n_blocks": 1, "hidden": 32, "batch": 256, "iterations": 400, "gate_lr": 0.1}
+_TWO_D = {"kind": "cnf", "n_blocks": 1, "hidden": 32, "batch": 256, "iterations": 400, "gate_lr": 0.1, "log_every": 10}
 TESTBED_PRESETS: dict[str, dict] = {
     "8gaussians": {"testbed": "8gaussians", **_TWO_D},
     "checkerboard": {"testbed": "checkerboard", **_TWO_D},
@@ -55,6 +55,7 @@ _RK4 = {"train_method": "rk4", "train_step_size": 0.25}
 _SEMINORM = {"adjoint": True, "seminorm": True}
 _FIXED = {"mode": "fixed", "train_tol": 1e-5}
 _ADAPTIVE = {"mode": "adaptive"}
+_AUTO = {"mode": "auto"}
 # arm -> (ToleranceConfig settings, LeverConfig settings, other TestbedConfig settings)
 ARMS: dict[str, tuple[dict, dict, dict]] = {
     "ffjord": (_FIXED, {}, {}),
@@ -73,6 +74,9 @@ ARMS: dict[str, tuple[dict, dict, dict]] = {
     "rnode-h1": (_FIXED, {**_RNODE, "train_method": "rk4", "train_step_size": 1.0}, {}),
     "adaptive-kj-local-error": (_ADAPTIVE, {**_RNODE, "local_error": 0.01}, {}),
     "adaptive-kj-seminorm": (_ADAPTIVE, _RNODE, _SEMINORM),
+    # issue 16: the automatic policy on the ladder of tolerances and grids, no step or tolerance by hand
+    "auto": (_AUTO, {}, {}),
+    "auto-rnode": (_AUTO, _RNODE, {}),
 }
 
 

@@ -18,6 +18,12 @@ What :func:`run_testbed` reports (``summary.json``), and why:
   block) against ``test_nll`` (same set, the fixed ``eval_tol``) shows whether it did.
 * ``integral_at_used_tol`` / ``integral_at_eval_tol``: the model's density integrated over the
   testbed's box; a density solved loosely need not integrate to one.
+* ``ladder_evaluation``: the held-out NLL and its NFE at every rung of
+  :data:`~tolgate_flows.cheapest_eval.EVALUATION_LADDER` (dopri5 1e-5 ... 1e-1, RK4 8 ... 1
+  steps; every block at the rung), for the cheapest honest evaluation of the trained model.
+* ``auto`` mode: ``final_settings`` (each solve's setting at the last iteration; also in every
+  mode), ``rungs`` per ``log.jsonl`` line (each block's mean ladder rung over the window), and the
+  ``*_at_used_tol`` keys at the rung each block ended on.
 * Levers (:mod:`.levers`: RNODE, solver penalties, STEER, fixed-grid training): the training loss
   adds the weighted penalties (:func:`~tolgate_flows.levers.with_penalties`) and ``log.jsonl``
   reports each penalty's value per iteration (``kinetic, jacobian, local_error, stiffness``;
@@ -59,6 +65,7 @@ from tolgate import (
     use_policies,
 )
 
+from .cheapest_eval import RungEvaluation, evaluate_ladder
 from .data import ToyData, derived_seed, toy_data
 from .levers import PENALTIES, LeverConfig, PenaltyValues, check_compatible, with_penalties
 from .models import ModelKind
@@ -344,6 +351,14 @@ def run_testbed(config: TestbedConfig, out_dir: str | Path) -> dict:
     return summary
 
 
+def _ladder_evaluation(model: VectorFlow, x: torch.Tensor, y: torch.Tensor | None) -> list[RungEvaluation]:
+    def at_rung() -> tuple[float, float]:
+        metrics = evaluate(model, x, y)
+        return metrics.nll, metrics.nfe_forward
+
+    return evaluate_ladder(model, at_rung)
+
+
 def _summarise(model: VectorFlow, config: TestbedConfig, stats: Sequence[StepStats]) -> dict:
     final = _window(stats[-max(1, math.ceil(_FINAL_FRACTION * len(stats))) :], len(stats))
     run = _window(stats, len(stats))
@@ -388,6 +403,7 @@ def _summarise(model: VectorFlow, config: TestbedConfig, stats: Sequence[StepSta
         "integral_at_eval_tol": integral_at_eval,
         "integral_at_used_tol": integral_at_used,
         "penalties": {name: run[name] for name in PENALTIES},
+        "ladder_evaluation": [e.as_dict() for e in _ladder_evaluation(model, x, y)],
         "seconds_per_iteration": run["seconds_per_iteration"],
         "config": asdict(config),
     }
