@@ -136,6 +136,12 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "l-steer": ("InfoCNF, fixed 1e-5 + STEER b=0.5", [*STUDY["s-fixed-1e-5"][1], "--steer", "0.5"]),
     "l-seminorm": ("InfoCNF, fixed 1e-5, seminorm adjoint", [*STUDY["s-fixed-1e-5"][1], "--adjoint", "--seminorm"]),
     "l-kinetic-jacobian": ("InfoCNF, fixed 1e-5 + kinetic + Jacobian", [*STUDY["s-fixed-1e-5"][1], *_RNODE_PENALTIES]),
+    # issue 16: the automatic policy on the ladder of tolerances and fixed grids, no step or tolerance by hand
+    "a-auto": ("InfoCNF, automatic solver setting per block", ["--model", "infocnf", "--tolerance", "auto"]),
+    "a-auto-rnode": (
+        "InfoCNF, automatic solver setting per block + kinetic + Jacobian",
+        ["--model", "infocnf", "--tolerance", "auto", *_RNODE_PENALTIES],
+    ),
 }
 
 # Paper's Table 1 (CIFAR-10, batch 900) and the unconditional CNF of Section 4.4, for the side-by-side.

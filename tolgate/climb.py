@@ -10,11 +10,12 @@ numbers (the same rows, the same Hutchinson noise, no dropout: :func:`tolgate.pr
 2. **Check.** Every block at its current rung: the solver error ``mean_i |L_i - L_ref,i|``. While
    it exceeds the budget, every block retreats one rung (towards the reference, where the error
    is 0) and the check is repeated: training never continues on a setting that failed.
-3. **Descend** (only when the check passed at once). One block, in turn, looks for the cheapest
-   of its eligible rungs below (:meth:`~tolgate.ladder.LadderPolicy.cheaper`) that passes with
-   the other blocks where they stand: the cheapest first, then by bisection between the current
-   rung and it, taking a rung whose error stays within the budget and whose probe costs no more
-   evaluations than the current one. Bisection assumes that a rung passes when a cheaper one does;
+3. **Descend** (only when the check passed at once). First every block together at its cheapest
+   eligible rung (:meth:`~tolgate.ladder.LadderPolicy.cheaper`); if that fails, one block, in
+   turn, looks for the cheapest of its eligible rungs that passes with the other blocks where they
+   stand: the cheapest first, then by bisection between the current rung and it. A move is taken
+   when its error stays within the budget and its probe costs no more evaluations than the
+   current settings. Bisection assumes that a rung passes when a cheaper one does;
    where that fails (a loose tolerance that fails above a fine grid that passes: RK4 with 2 steps
    can be more accurate than dopri5 at 1e-2) it may stop above the cheapest passing rung, never
    below a failing one, since every move is itself checked.
@@ -29,8 +30,8 @@ a coarse grid can flatter the objective (a model trained at one RK4 step learns 
 discretisation, and its training NLL reads 1.06 nats where the ODE it defines scores 10.96), and
 that is exactly the case the check catches, the first time it is run after it happens.
 
-Cost. A climb costs 2 probes when the check passes and no block can move, 3 when the cheapest
-rung passes, about ``3 + log2(rungs)`` otherwise, and one more per retreat;
+Cost. A climb costs 2 probes when the check passes and no block can move, 3 when the joint
+cheapest rungs pass, about ``4 + log2(rungs)`` otherwise, and one more per retreat;
 :attr:`ClimbReport.nfe_forward` counts every evaluation, on ``rows`` samples each, so runs can
 report it next to the training NFE.
 """
@@ -145,28 +146,34 @@ def _descend(
     turn: int,
     module: nn.Module,
 ) -> tuple[float | None, bool]:
-    """Step 3 of the rule: the cheapest passing rung of one block; returns the error of the first
-    candidate tried (``None`` if no block could move) and whether the block moved."""
+    """Step 3 of the rule; returns the error of the first candidate tried (every block at its
+    cheapest eligible rung; ``None`` if no block could move) and whether any block moved."""
     nfe_now = _nfe_per_solve(module, current)
     movable = [p for p in policies if p.cheaper(nfe_now[id(p)])]
     if not movable:
         return None, False
-    policy = movable[turn % len(movable)]
-    rungs = policy.cheaper(nfe_now[id(policy)])
 
-    def passes(rung: int) -> tuple[bool, float]:
-        candidate = probe({id(policy): policy.ladder[rung]})
+    def passes(moves: dict[int, tuple[LadderPolicy, int]]) -> tuple[bool, float]:
+        candidate = probe({key: p.ladder[rung] for key, (p, rung) in moves.items()})
         error = candidate.error_against(ref)
         return error <= budget and candidate.nfe_forward <= current.nfe_forward, error
 
-    ok, first_error = passes(rungs[-1])  # the cheapest first: where a smooth field often ends
+    # the cheapest first, every block together: where a smooth field often ends
+    joint = {id(p): (p, p.cheaper(nfe_now[id(p)])[-1]) for p in movable}
+    ok, first_error = passes(joint)
     if ok:
+        for p, rung in joint.values():
+            p.move_to(rung)
+        return first_error, True
+    policy = movable[turn % len(movable)]
+    rungs = policy.cheaper(nfe_now[id(policy)])
+    if len(movable) > 1 and passes({id(policy): (policy, rungs[-1])})[0]:
         policy.move_to(rungs[-1])
         return first_error, True
     passing, failing = -1, len(rungs) - 1  # bisect: rungs[passing] passes (-1: the current one)
     while failing - passing > 1:
         middle = (passing + failing) // 2
-        if passes(rungs[middle])[0]:
+        if passes({id(policy): (policy, rungs[middle])})[0]:
             passing = middle
         else:
             failing = middle

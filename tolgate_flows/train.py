@@ -695,6 +695,7 @@ def _epoch_accumulator(n_blocks: int) -> dict:
         "nfe_forward_block": [0.0] * n_blocks,
         "nfe_backward_block": [0.0] * n_blocks,
         "log10_tol": [[] for _ in range(n_blocks)],
+        "settings": [None] * n_blocks,  # each block's solver setting at the epoch's last iteration
         # per penalty of PENALTIES: the sum of its values and the iterations that had one
         "penalty_sums": [0.0] * len(PENALTIES),
         "penalty_iters": [0] * len(PENALTIES),
@@ -750,6 +751,8 @@ def _finish_epoch(acc: dict, ranks: Dist, device: torch.device) -> dict:
         "nfe_forward_per_rank": ranks.gather(acc["nfe_forward"] / max(acc["iters"], 1), device),
         "tol_log10_mean": tol_mean,
         "tol_log10_std": tol_std,
+        # The solver setting of each block's last training solve (this rank's): "dopri5:1e-05", "rk4:2".
+        "settings_per_block": list(acc["settings"]),
         # The levers' penalties before weighting, mean per iteration; None where off.
         **{
             name: total / count if count else None
@@ -1170,6 +1173,7 @@ def _accumulate(acc: dict, batch, loss, parts, output, records, probe_cost, pena
         acc["nfe_forward"] += rec.nfe_forward
         acc["nfe_backward"] += rec.nfe_backward
         acc["nfe_sample_mean"] += mean_sample_nfe(rec)
+        acc["settings"][k] = rec.setting
         if rec.log10_tolerance is not None:
             acc["log10_tol"][k].extend(rec.log10_tolerance.float().flatten().tolist())
 
