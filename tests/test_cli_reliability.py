@@ -176,6 +176,12 @@ BAD_VALUES = {
     "seminorm-without-adjoint": ["--seminorm"],
     "gate-mean-from-missing-run": ["--tolerance", "gate-mean", "--gate-mean-from", "/nonexistent/run"],
     "missing-cifar-files": ["--dataset", "cifar10", "--data-dir", "/nonexistent/data"],
+    "ladder-rung-unreadable": ["--tolerance", "auto", "--ladder", "dopri5:1e-5", "rk4:four"],
+    "ladder-not-cheaper": ["--tolerance", "auto", "--ladder", "dopri5:1e-2", "dopri5:1e-5"],
+    "ladder-without-start": ["--tolerance", "auto", "--ladder", "dopri5:1e-3", "rk4:2"],
+    "auto-per-sample": ["--tolerance", "auto", "--backend", "per_sample"],
+    "auto-with-train-method": ["--tolerance", "auto", "--train-method", "rk4"],
+    "auto-with-local-error": ["--tolerance", "auto", "--local-error", "0.01"],
 }
 
 

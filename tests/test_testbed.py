@@ -121,6 +121,8 @@ SUMMARY_KEYS = {
     "integral_at_used_tol",
     "integral_at_eval_tol",
     "seconds_per_iteration",
+    "final_settings",
+    "ladder_evaluation",
     "config",
 }
 
@@ -131,8 +133,9 @@ SUMMARY_KEYS = {
         ToleranceConfig(mode="fixed", train_tol=1e-4),
         ToleranceConfig(mode="adaptive", probe_every=2, probe_size=32),
         ToleranceConfig(mode="learned", estimator="probe", probe_every=2, probe_size=32),
+        ToleranceConfig(mode="auto", probe_every=2, probe_size=32),
     ],
-    ids=["fixed", "adaptive", "learned-probe"],
+    ids=["fixed", "adaptive", "learned-probe", "auto"],
 )
 def test_run_testbed_writes_its_summary(tmp_path, tolerance: ToleranceConfig) -> None:
     config = small_config(tolerance=tolerance)

@@ -1,0 +1,115 @@
+"""The automatic solver policy inside the flows: configuration, testbed runs, the image trainer's
+command line, and the cheapest honest evaluation.
+
+Pinned: ``auto`` builds one :class:`tolgate.LadderPolicy` per block, all starting at dopri5
+``train_tol``; a testbed run logs each block's rung and ends with the rung it stood on, evaluates
+the held-out set there (``test_nll_at_used_tol``) and at every rung of the evaluation ladder; the
+command line stores ``--ladder`` and trains with it; :func:`cheapest_honest` takes the fewest
+evaluations within the bound.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tolgate import LadderPolicy, SolverLadder, SolverSetting, gated_solvers
+from tolgate_flows import testbed
+from tolgate_flows.cheapest_eval import EVALUATION_LADDER, RungEvaluation, cheapest_honest
+from tolgate_flows.cli import main
+from tolgate_flows.levers import LeverConfig
+from tolgate_flows.tolerance import ToleranceConfig, solver_ladder
+
+
+def test_default_ladder_spans_the_tolerance_range_then_rk4_grids() -> None:
+    ladder = solver_ladder(ToleranceConfig(mode="auto", tolerance_low=1e-6, tolerance_high=1e-2, train_tol=3e-4))
+    assert [str(s) for s in ladder] == [
+        "dopri5:1e-06", "dopri5:1e-05", "dopri5:0.0001", "dopri5:0.0003", "dopri5:0.001", "dopri5:0.01",
+        "rk4:8", "rk4:4", "rk4:2", "rk4:1",
+    ]  # fmt: skip
+    given = solver_ladder(ToleranceConfig(mode="auto", ladder=["dopri5:1e-5", "rk4:2"]))
+    assert list(given) == [SolverSetting("dopri5", 1e-5), SolverSetting("rk4", steps=2)]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"ladder": ["dopri5:1e-3", "rk4:1"]}, "not on the ladder"),
+        ({"ladder": ["rk4:x"]}, "cannot read"),
+        ({"per_sample": True}, "per-sample"),
+    ],
+)
+def test_auto_configuration_is_refused_with_a_reason(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ToleranceConfig(mode="auto", **settings)
+
+
+def test_auto_refuses_levers_it_cannot_honour() -> None:
+    with pytest.raises(ValueError, match="fixed"):
+        testbed.TestbedConfig(tolerance=ToleranceConfig(mode="auto"), levers=LeverConfig(train_method="rk4"))
+    with pytest.raises(ValueError, match="auto"):
+        testbed.TestbedConfig(tolerance=ToleranceConfig(mode="auto"), levers=LeverConfig(local_error=0.01))
+
+
+def test_auto_testbed_run_moves_blocks_and_reports_where_they_ended(tmp_path) -> None:
+    config = testbed.TestbedConfig(
+        testbed="8gaussians",
+        n_blocks=2,
+        hidden=8,
+        batch=64,
+        iterations=12,
+        eval_size=200,
+        grid_points=40,
+        log_every=4,
+        tolerance=ToleranceConfig(mode="auto", probe_every=4, probe_size=16),
+        levers=LeverConfig(kinetic=0.01, jacobian=0.01),
+    )
+    model = testbed.build(config)
+    policies = [solver.policy for solver in gated_solvers(model)]
+    assert all(isinstance(p, LadderPolicy) for p in policies) and policies[0] is not policies[1]
+    assert all(p.setting == SolverSetting("dopri5", 1e-5) for p in policies)
+    summary = testbed.run_testbed(config, tmp_path)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    ladder = solver_ladder(config.tolerance)
+    assert all(len(entry["rungs"]) == 2 for entry in log)
+    assert max(max(entry["rungs"]) for entry in log) > ladder.index(SolverSetting("dopri5", 1e-5))  # it moved
+    assert len(summary["final_settings"]) == 2
+    assert all(SolverSetting.parse(s) in ladder.settings for s in summary["final_settings"])
+    assert summary["probe_nfe_equivalent"] > 0
+    rungs = [entry["setting"] for entry in summary["ladder_evaluation"]]
+    assert rungs == [str(s) for s in EVALUATION_LADDER]
+    at_eval = summary["ladder_evaluation"][0]
+    assert at_eval["setting"] == "dopri5:1e-05" and at_eval["quality"] == pytest.approx(summary["test_nll"])
+
+
+def test_cheapest_honest_takes_the_fewest_evaluations_within_the_bound() -> None:
+    reference = RungEvaluation("dopri5:1e-05", 3.00, 56)
+    rungs = [
+        reference,
+        RungEvaluation("dopri5:0.001", 3.005, 26),
+        RungEvaluation("rk4:2", 3.019, 8),
+        RungEvaluation("rk4:1", 3.5, 4),
+    ]
+    assert cheapest_honest(rungs, reference, 0.02).setting == "rk4:2"
+    assert cheapest_honest(rungs, reference, 0.01).setting == "dopri5:0.001"
+    assert cheapest_honest(rungs[:1], reference, 0.0) == reference
+
+
+def test_command_line_trains_with_a_given_ladder_and_stores_it(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    main(
+        [
+            "--dataset", "digits", "--model", "infocnf", "--tolerance", "auto", "--ladder", "dopri5:1e-5",
+            "dopri5:1e-3", "rk4:2", "rk4:1", "--batch-size", "16", "--hidden", "4", "--n-flows", "1",
+            "--epochs", "1", "--max-train-batches", "3", "--max-eval-batches", "1", "--eval-batch-size", "32",
+            "--probe-every", "1", "--probe-size", "8", "--no-progress", "--out", str(out),
+        ]
+    )  # fmt: skip
+    stored = json.loads((out / "config.json").read_text())
+    assert stored["tolerance"]["mode"] == "auto"
+    assert stored["tolerance"]["ladder"] == ["dopri5:1e-5", "dopri5:1e-3", "rk4:2", "rk4:1"]
+    train = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["train"]
+    ladder = SolverLadder([SolverSetting.parse(s) for s in stored["tolerance"]["ladder"]])
+    assert all(SolverSetting.parse(s) in ladder.settings for s in train["settings_per_block"])
+    assert train["probe_nfe_equivalent"] > 0
