@@ -11,7 +11,7 @@ which rungs pass is a property of the numbers, not of the code. Pinned:
 * a block standing on a failing rung retreats, rung by rung, until the check passes, within the
   same call (training never goes on from a failed check);
 * two blocks of different difficulty end on different rungs, and the total error stays within
-  the budget;
+  the budget; when a check fails, only the block at fault retreats;
 * every probe's evaluations are counted.
 """
 
@@ -148,3 +148,14 @@ def test_rk4_one_step_error_matches_its_taylor_polynomial() -> None:
     model = Exponentials([2.5], start=SolverSetting("rk4", steps=1))
     out = model(torch.ones(1, dtype=torch.float64))
     assert float(out[0]) == pytest.approx(sum(2.5**k / math.factorial(k) for k in range(5)), rel=1e-12)
+
+
+def test_only_the_block_at_fault_retreats() -> None:
+    model = Exponentials([0.1, 2.5], start=SolverSetting("rk4", steps=1))
+    report = climb_once(model)
+    smooth, rough = (solver.policy.setting for solver in model.solvers)
+    assert smooth == SolverSetting("rk4", steps=1)  # it was fine where it stood
+    assert rough.steps is None or rough.steps > 1
+    assert report.retreats >= 1 and report.rungs_after[0] == report.rungs_before[0]
+    error, budget, _ = error_at(model, [smooth, rough])
+    assert error <= budget and report.error == pytest.approx(error)

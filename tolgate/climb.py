@@ -8,14 +8,16 @@ numbers (the same rows, the same Hutchinson noise, no dropout: :func:`tolgate.pr
    protocol): per-sample objective ``L_ref``, and the budget
    ``fraction * std(L_ref) / sqrt(batch_size)``, a fraction of the training minibatch's own noise.
 2. **Check.** Every block at its current rung: the solver error ``mean_i |L_i - L_ref,i|``. While
-   it exceeds the budget, every block retreats one rung (towards the reference, where the error
-   is 0) and the check is repeated: training never continues on a setting that failed.
+   it exceeds the budget, one block retreats one rung (towards the reference, where the error is
+   0): of the blocks that can, the one whose retreat leaves the smallest error, each tried on a
+   probe. Training never continues on a setting that failed, and a block that was fine keeps its
+   cheap rung (a retreat of every block doubles the cost of all of them).
 3. **Descend** (only when the check passed at once). First every block together at its cheapest
-   eligible rung (:meth:`~tolgate.ladder.LadderPolicy.cheaper`); if that fails, one block, in
-   turn, looks for the cheapest of its eligible rungs that passes with the other blocks where they
-   stand: the cheapest first, then by bisection between the current rung and it. A move is taken
-   when its error stays within the budget and its probe costs no more evaluations than the
-   current settings. Bisection assumes that a rung passes when a cheaper one does;
+   eligible rung (:meth:`~tolgate.ladder.LadderPolicy.cheaper`); if that fails, block by block,
+   each at its cheapest together with the moves already taken; then one block that did not move,
+   in turn, bisects between where it stands and its cheapest. A move is taken when the error of
+   every block's setting together stays within the budget and the probe costs no more
+   evaluations than the current settings. Bisection assumes that a rung passes when a cheaper one does;
    where that fails (a loose tolerance that fails above a fine grid that passes: RK4 with 2 steps
    can be more accurate than dopri5 at 1e-2) it may stop above the cheapest passing rung, never
    below a failing one, since every move is itself checked.
@@ -31,7 +33,7 @@ discretisation, and its training NLL reads 1.06 nats where the ODE it defines sc
 that is exactly the case the check catches, the first time it is run after it happens.
 
 Cost. A climb costs 2 probes when the check passes and no block can move, 3 when the joint
-cheapest rungs pass, about ``4 + log2(rungs)`` otherwise, and one more per retreat;
+cheapest rungs pass, at most ``3 + blocks + log2(rungs)`` otherwise, and ``blocks`` per retreat;
 :attr:`ClimbReport.nfe_forward` counts every evaluation, on ``rows`` samples each, so runs can
 report it next to the training NFE.
 """
@@ -111,13 +113,9 @@ def climb(
 
     current = probe({})
     retreats = 0
-    while current.error_against(ref) > budget:
-        if all(p.index == 0 for p in policies):
-            break
-        for p in policies:
-            p.move_to(max(p.index - 1, 0))
+    while current.error_against(ref) > budget and any(p.index > 0 for p in policies):
+        current = _retreat(policies, ref, probe)
         retreats += 1
-        current = probe({})
     error, candidate_error, descended = current.error_against(ref), None, False
     if retreats == 0 and error <= budget:
         candidate_error, descended = _descend(policies, current, ref, budget, probe, turn, module)
@@ -137,6 +135,15 @@ def climb(
     )
 
 
+def _retreat(policies: list[LadderPolicy], ref: Probe, probe: Callable[[dict[int, SolverSetting]], Probe]) -> Probe:
+    """Step 2's move: of the blocks that can go one rung up, the one whose retreat leaves the
+    smallest error goes (one probe per candidate block); returns the probe it stands on now."""
+    trials = [(p, probe({id(p): p.ladder[p.index - 1]})) for p in policies if p.index > 0]
+    policy, trial = min(trials, key=lambda pair: pair[1].error_against(ref))
+    policy.move_to(policy.index - 1)
+    return trial
+
+
 def _descend(
     policies: list[LadderPolicy],
     current: Probe,
@@ -152,34 +159,42 @@ def _descend(
     movable = [p for p in policies if p.cheaper(nfe_now[id(p)])]
     if not movable:
         return None, False
+    accepted: dict[int, SolverSetting] = {}
 
-    def passes(moves: dict[int, tuple[LadderPolicy, int]]) -> tuple[bool, float]:
-        candidate = probe({key: p.ladder[rung] for key, (p, rung) in moves.items()})
+    def passes(moves: dict[int, SolverSetting]) -> tuple[bool, float]:
+        candidate = probe({**accepted, **moves})
         error = candidate.error_against(ref)
         return error <= budget and candidate.nfe_forward <= current.nfe_forward, error
 
-    # the cheapest first, every block together: where a smooth field often ends
-    joint = {id(p): (p, p.cheaper(nfe_now[id(p)])[-1]) for p in movable}
-    ok, first_error = passes(joint)
+    cheapest = {id(p): p.cheaper(nfe_now[id(p)])[-1] for p in movable}
+    # 1. the cheapest first, every block together: where a smooth field often ends
+    ok, first_error = passes({id(p): p.ladder[cheapest[id(p)]] for p in movable})
     if ok:
-        for p, rung in joint.values():
-            p.move_to(rung)
+        for p in movable:
+            p.move_to(cheapest[id(p)])
         return first_error, True
-    policy = movable[turn % len(movable)]
-    rungs = policy.cheaper(nfe_now[id(policy)])
-    if len(movable) > 1 and passes({id(policy): (policy, rungs[-1])})[0]:
-        policy.move_to(rungs[-1])
-        return first_error, True
-    passing, failing = -1, len(rungs) - 1  # bisect: rungs[passing] passes (-1: the current one)
-    while failing - passing > 1:
-        middle = (passing + failing) // 2
-        if passes({id(policy): (policy, rungs[middle])})[0]:
-            passing = middle
-        else:
-            failing = middle
-    if passing >= 0:
-        policy.move_to(rungs[passing])
-    return first_error, passing >= 0
+    # 2. block by block, each at its cheapest with the moves already taken
+    if len(movable) > 1:
+        for p in movable:
+            if passes({id(p): p.ladder[cheapest[id(p)]]})[0]:
+                accepted[id(p)] = p.ladder[cheapest[id(p)]]
+                p.move_to(cheapest[id(p)])
+    # 3. one block that did not move, in turn, bisects between where it stands and its cheapest
+    stuck = [p for p in movable if id(p) not in accepted]
+    if stuck:
+        policy = stuck[turn % len(stuck)]
+        rungs = policy.cheaper(nfe_now[id(policy)])
+        passing, failing = -1, len(rungs) - 1  # rungs[failing] failed; rungs[passing] passes (-1: here)
+        while failing - passing > 1:
+            middle = (passing + failing) // 2
+            if passes({id(policy): policy.ladder[rungs[middle]]})[0]:
+                passing = middle
+            else:
+                failing = middle
+        if passing >= 0:
+            accepted[id(policy)] = policy.ladder[rungs[passing]]
+            policy.move_to(rungs[passing])
+    return first_error, bool(accepted)
 
 
 def _nfe_per_solve(module: nn.Module, probe: Probe) -> dict[int, float]:
