@@ -113,3 +113,33 @@ def test_command_line_trains_with_a_given_ladder_and_stores_it(tmp_path, capsys)
     ladder = SolverLadder([SolverSetting.parse(s) for s in stored["tolerance"]["ladder"]])
     assert all(SolverSetting.parse(s) in ladder.settings for s in train["settings_per_block"])
     assert train["probe_nfe_equivalent"] > 0
+
+
+def _summary(bpd: float, forward: float, backward: float, probes: float = 0.0) -> dict:
+    return {
+        "selected": {"test": {"bpd_cond": bpd}},
+        "train_nfe_forward_mean": forward,
+        "train_nfe_backward_mean": backward,
+        "train_probe_nfe_equivalent_mean": probes,
+    }
+
+
+def test_main_job_last_line_names_the_cheapest_equal_quality_row_without_a_hand_set_knob() -> None:
+    from tolgate_flows.cli import COMPARISON, HAND_SET
+    from tolgate_flows.report import cheapest_verdict
+
+    names = [name for name, _ in COMPARISON]
+    assert {"infocnf-rnode-rk4-h1", "infocnf-auto", "infocnf-auto-rnode"} <= set(names)
+    assert HAND_SET <= set(names)
+    rows = {
+        "infocnf-fixed": _summary(2.30, 70.0, 68.0),
+        "infocnf-auto": _summary(2.305, 20.0, 20.0, 2.0),  # 42, within 0.01
+        "infocnf-auto-rnode": _summary(2.32, 12.0, 12.0, 1.0),  # cheaper but 0.02 worse
+        "infocnf-rnode-rk4-h1": _summary(2.29, 12.0, 12.0),  # cheapest, but hand-set
+    }
+    line = cheapest_verdict(
+        rows, candidates=["infocnf-fixed", "infocnf-auto", "infocnf-auto-rnode"], reference="infocnf-fixed"
+    )
+    assert "infocnf-auto," in line and "42.0 evaluations" in line and "3.29x fewer" in line
+    none = cheapest_verdict({"r": _summary(2.3, 1, 1), "c": _summary(2.5, 1, 1)}, candidates=["c"], reference="r")
+    assert none.startswith("No row")

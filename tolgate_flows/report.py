@@ -61,3 +61,35 @@ def learning_verdict(rows: Mapping[str, Mapping], learned: str, loosened: str, r
         f"per iteration (probes included; {cost(a) / cost(ref):.2f}x {reference}) at {bpd(a):.4f} bits/dim, "
         f"{loosened} {cost(b):.1f} ({cost(b) / cost(ref):.2f}x) at {bpd(b):.4f}."
     )
+
+
+def training_cost(summary: Mapping) -> float:
+    """Evaluations per training iteration: forward + backward + the probes' (in full-batch evaluations)."""
+    return (
+        summary["train_nfe_forward_mean"]
+        + summary["train_nfe_backward_mean"]
+        + summary.get("train_probe_nfe_equivalent_mean", 0.0)
+    )
+
+
+def cheapest_verdict(
+    rows: Mapping[str, Mapping], candidates: Sequence[str], reference: str, bound_bpd: float = 0.01
+) -> str:
+    """One sentence naming the cheapest of ``candidates`` (by :func:`training_cost`) whose test
+    bits/dim x|y is within ``bound_bpd`` of the ``reference`` row's (the digits equal-quality
+    bound), with its ratio of training cost to the reference's."""
+
+    def bpd(summary: Mapping) -> float:
+        return summary["selected"]["test"]["bpd_cond"]
+
+    ref = rows[reference]
+    equal = [name for name in candidates if bpd(rows[name]) <= bpd(ref) + bound_bpd]
+    if not equal:
+        return f"No row without a hand-set knob reached the quality of {reference} (within {bound_bpd} bits/dim)."
+    best = min(equal, key=lambda name: training_cost(rows[name]))
+    cost, ref_cost = training_cost(rows[best]), training_cost(ref)
+    return (
+        f"Cheapest at equal quality with no hand-set knob: {best}, {cost:.1f} evaluations per iteration "
+        f"(forward + backward + probes), {ref_cost / cost:.2f}x fewer than {reference} ({ref_cost:.1f}), "
+        f"at {bpd(rows[best]):.4f} bits/dim ({bpd(rows[best]) - bpd(ref):+.4f})."
+    )
