@@ -94,6 +94,8 @@ def test_cheapest_honest_takes_the_fewest_evaluations_within_the_bound() -> None
     assert cheapest_honest(rungs, reference, 0.02).setting == "rk4:2"
     assert cheapest_honest(rungs, reference, 0.01).setting == "dopri5:0.001"
     assert cheapest_honest(rungs[:1], reference, 0.0) == reference
+    flattering = [reference, RungEvaluation("rk4:1", 1.06, 4)]  # a discretisation the model learned
+    assert cheapest_honest(flattering, reference, 0.02) == reference
 
 
 def test_command_line_trains_with_a_given_ladder_and_stores_it(tmp_path, capsys) -> None:

@@ -6,7 +6,7 @@ to know how much cheaper a setting gives the same answer. :func:`evaluate_ladder
 model at every rung of a :class:`~tolgate.SolverLadder` (one setting for every block, with
 :func:`tolgate.use_policies`), on the same data and, where the caller seeds it, the same
 Hutchinson noise; :func:`cheapest_honest` picks the rung of fewest evaluations whose quality stays
-within ``bound`` of the reference evaluation's (the studies' equal-quality bound: 0.02 nats on the
+within ``bound`` of the reference evaluation's, either way (the studies' equal-quality bound: 0.02 nats on the
 2-D testbeds, 0.01 bits/dim on digits).
 """
 
@@ -55,7 +55,8 @@ def evaluate_ladder(
 
 
 def cheapest_honest(evaluations: Iterable[RungEvaluation], reference: RungEvaluation, bound: float) -> RungEvaluation:
-    """The evaluation of fewest NFE whose quality is at most ``reference.quality + bound`` (the
-    reference itself if none is cheaper); ties go to the better quality."""
-    honest = [e for e in evaluations if e.quality <= reference.quality + bound] + [reference]
-    return min(honest, key=lambda e: (e.nfe_forward, e.quality))
+    """The evaluation of fewest NFE whose quality is within ``bound`` of ``reference.quality``
+    either way (a cheap solve that reports a better NLL than the model has is as wrong as a worse
+    one; the reference itself if none is cheaper); ties go to the closer quality."""
+    honest = [e for e in evaluations if abs(e.quality - reference.quality) <= bound] + [reference]
+    return min(honest, key=lambda e: (e.nfe_forward, abs(e.quality - reference.quality)))

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from . import plots
+from .report import training_cost
 from .testbed_report import MIN_NLL_MARGIN, _mean_std, _paired_nll, _plain_fixed, aggregate, load_runs, save_report
 
 plt = plots.plt
@@ -143,18 +144,9 @@ DIGITS_REFERENCE = "s-fixed-1e-5"
 DIGITS_MARGIN_BPD = 0.01  # the issue's equal-quality bound on digits (bits/dim)
 
 
-def digits_cost(summary: Mapping) -> float:
-    """Training NFE per iteration of an entry-point run: forward + backward + probes."""
-    return (
-        summary["train_nfe_forward_mean"]
-        + summary["train_nfe_backward_mean"]
-        + summary.get("train_probe_nfe_equivalent_mean", 0.0)
-    )
-
-
 def digits_report(rows: Mapping[str, Sequence[Mapping]]) -> dict:
     """``row -> mean ± std over seeds`` of test bits/dim (x|y), test error, training NFE
-    (:func:`digits_cost`), evaluation NFE and seconds per iteration, the per-seed difference of
+    (:func:`~tolgate_flows.report.training_cost`), evaluation NFE and seconds per iteration, the per-seed difference of
     bits/dim to :data:`DIGITS_REFERENCE`, the training and evaluation NFE savings against it, and
     whether the row is at equal quality (mean paired bits/dim at most 0.01 above the reference's,
     the issue's bound on digits)."""
@@ -165,12 +157,12 @@ def digits_report(rows: Mapping[str, Sequence[Mapping]]) -> dict:
     def bpd(summary: Mapping) -> float:
         return summary["selected"]["test"]["bpd_cond"]
 
-    ref_cost = _mean_std([digits_cost(s) for s in reference.values()])["mean"]
+    ref_cost = _mean_std([training_cost(s) for s in reference.values()])["mean"]
     ref_eval = _mean_std([s["selected"]["test"]["nfe_forward"] for s in reference.values()])["mean"]
     margin = DIGITS_MARGIN_BPD
     report = {}
     for name, summaries in rows.items():
-        cost = _mean_std([digits_cost(s) for s in summaries])
+        cost = _mean_std([training_cost(s) for s in summaries])
         evaluation = _mean_std([s["selected"]["test"]["nfe_forward"] for s in summaries])
         paired = _mean_std(
             [bpd(s) - bpd(reference[s["config"]["seed"]]) for s in summaries if s["config"]["seed"] in reference]
