@@ -12,8 +12,10 @@ within ``bound`` of the reference evaluation's, either way (the studies' equal-q
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -60,3 +62,38 @@ def cheapest_honest(evaluations: Iterable[RungEvaluation], reference: RungEvalua
     one; the reference itself if none is cheaper); ties go to the closer quality."""
     honest = [e for e in evaluations if abs(e.quality - reference.quality) <= bound] + [reference]
     return min(honest, key=lambda e: (e.nfe_forward, abs(e.quality - reference.quality)))
+
+
+def evaluate_run_ladder(
+    run_dir: str | Path,
+    ladder: Iterable[SolverSetting] = EVALUATION_LADDER,
+    checkpoint: str = "best.pt",
+    noise_seed: int = 0,
+    device: str = "cpu",
+) -> list[RungEvaluation]:
+    """:func:`evaluate_ladder` of a finished image run (the training entry point's folder): its
+    ``checkpoint`` (loaded with ``weights_only=True``) on its test split, quality in bits/dim x|y,
+    the Hutchinson noise of test batch ``k`` seeded by ``(noise_seed, k)`` at every rung (common
+    random numbers), the run's divergence and draws otherwise."""
+    import torch
+
+    # The image trainer (and the plotting it imports) only for run folders: the testbeds import
+    # this module for evaluate_ladder alone.
+    from .checkpoints import load_checkpoint
+    from .data import load_dataset, make_batches
+    from .models import set_divergence
+    from .train import Dist, TrainConfig, build, evaluate
+
+    run_dir = Path(run_dir)
+    config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    dataset = load_dataset(config.dataset, config.data_dir, split_seed=0, val_fraction=config.val_fraction)
+    model = build(config, dataset.image_shape, dataset.n_classes).to(torch.device(device))
+    model.load_state_dict(load_checkpoint(run_dir / checkpoint, torch.device(device))["model"])
+    batches = make_batches(dataset, "test", config.eval_batch_size, seed=config.seed, device=torch.device(device))
+    set_divergence(model, config.eval_divergence)
+
+    def at_rung() -> tuple[float, float]:
+        metrics = evaluate(model, batches, dataset.levels, Dist(), None, config.eval_draws, noise_seed)
+        return metrics["bpd_cond"], metrics["nfe_forward"]
+
+    return evaluate_ladder(model, at_rung, ladder)
