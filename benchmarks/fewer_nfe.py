@@ -77,6 +77,7 @@ ARMS: dict[str, tuple[dict, dict, dict]] = {
     # issue 16: the automatic policy on the ladder of tolerances and grids, no step or tolerance by hand
     "auto": (_AUTO, {}, {}),
     "auto-rnode": (_AUTO, _RNODE, {}),
+    "auto-learned-rnode": ({"mode": "auto-learned"}, _RNODE, {}),
 }
 
 

@@ -142,6 +142,10 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
         "InfoCNF, automatic solver setting per block + kinetic + Jacobian",
         ["--model", "infocnf", "--tolerance", "auto", *_RNODE_PENALTIES],
     ),
+    "a-auto-learned-rnode": (
+        "InfoCNF, learned departures from the automatic setting + kinetic + Jacobian",
+        ["--model", "infocnf", "--tolerance", "auto-learned", *_RNODE_PENALTIES],
+    ),
 }
 
 # Paper's Table 1 (CIFAR-10, batch 900) and the unconditional CNF of Section 4.4, for the side-by-side.

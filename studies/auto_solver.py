@@ -24,10 +24,10 @@ MARGIN_NATS = 0.02
 MARGIN_BPD = 0.01
 TESTBED_REFERENCE = "ffjord"
 TESTBED_HAND_PICKED = ("rnode", "rnode-h0.5", "rnode-h1")
-TESTBED_AUTOMATIC = ("auto", "auto-rnode", "adaptive")
+TESTBED_AUTOMATIC = ("auto", "auto-rnode", "auto-learned-rnode", "adaptive")
 DIGITS_REFERENCE = "s-fixed-1e-5"
 DIGITS_HAND_PICKED = ("l-rnode", "l-rnode-h0.5", "l-rnode-h1")
-DIGITS_AUTOMATIC = ("a-auto", "a-auto-rnode", "s-adaptive")
+DIGITS_AUTOMATIC = ("a-auto", "a-auto-rnode", "a-auto-learned-rnode", "s-adaptive")
 #: the ladder the runs climbed (ToleranceConfig's default), for rung numbers in figures
 LADDER = SolverLadder.default()
 

@@ -180,3 +180,41 @@ def test_ladder_policy_rung_is_saved_with_the_model() -> None:
 def test_fixed_tolerance_eval_policy_is_untouched_by_a_ladder() -> None:
     solver = GatedSolver(LadderPolicy(SolverLadder.default(), start=SolverSetting("rk4", steps=1)))
     assert isinstance(solver.eval_policy, FixedTolerance)
+
+
+def test_ladder_gate_keeps_the_base_rung_at_zero_offset_and_departs_by_whole_rungs() -> None:
+    from tolgate import LadderGate, MLPGate
+
+    base = LadderPolicy(SolverLadder.default(), start=SolverSetting("rk4", steps=4))
+    gate = LadderGate(base, MLPGate(1)).double()
+    with torch.no_grad():
+        gate.net.head.weight.zero_()
+        gate.net.head.bias.zero_()
+    context = torch.ones(3, 1, dtype=torch.float64)
+    assert gate(context, None).grid_steps == 4
+    with torch.no_grad():
+        gate.net.head.bias[0] = 1.4  # 1.4 rungs cheaper rounds to one
+    assert gate(context, None).grid_steps == 2
+    with torch.no_grad():
+        gate.net.head.bias[0] = 9.0  # clipped at the cheapest rung
+    assert gate(context, None).grid_steps == 1
+    base.move_to(0)  # the automatic rule moved the base to dopri5 1e-8: nine rungs below it is rk4:4
+    assert gate(context, None).grid_steps == 4
+
+
+def test_ladder_gate_draw_scores_the_continuous_offset() -> None:
+    from tolgate import LadderGate, MLPGate
+
+    gate = LadderGate(LadderPolicy(SolverLadder.default()), MLPGate(1)).double()
+    context = torch.ones(2, 1, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        choice = gate.draw(context, generator, std=0.7)
+    mu = gate.mean_offset(context)
+    (grad,) = torch.autograd.grad(choice.log_prob, gate.net.head.bias)
+    mean = float(mu.detach())
+    value = float(torch.randn((), generator=torch.Generator().manual_seed(3), dtype=torch.float64)) * 0.7 + mean
+    assert float(grad[0]) == pytest.approx((value - mean) / 0.7**2, rel=1e-9)  # d/dmu log N(v; mu, s)
+    assert choice.log_prob.requires_grad
+    with pytest.raises(TypeError, match="LadderPolicy"):
+        LadderGate(FixedTolerance(1e-5), MLPGate(1))  # type: ignore[arg-type]

@@ -22,7 +22,7 @@ from .errors import (
     StepSizeUnderflow,
 )
 from .gates import ConvGate, MLPGate
-from .ladder import REFERENCE_SETTING, FixedSetting, LadderPolicy, SolverLadder, SolverSetting
+from .ladder import REFERENCE_SETTING, FixedSetting, LadderGate, LadderPolicy, SolverLadder, SolverSetting
 from .persample import PerSampleData, from_torchdiffeq, index_aware, solve_per_sample
 from .policies import (
     FixedStepSize,
@@ -54,6 +54,7 @@ __all__ = [
     "Calibration",
     "ClimbReport",
     "FixedSetting",
+    "LadderGate",
     "LadderPolicy",
     "REFERENCE_SETTING",
     "SolverLadder",

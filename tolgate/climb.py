@@ -17,10 +17,13 @@ numbers (the same rows, the same Hutchinson noise, no dropout: :func:`tolgate.pr
    each at its cheapest together with the moves already taken; then one block that did not move,
    in turn, bisects between where it stands and its cheapest. A move is taken when the error of
    every block's setting together stays within the budget and the probe costs no more
-   evaluations than the current settings. Bisection assumes that a rung passes when a cheaper one does;
-   where that fails (a loose tolerance that fails above a fine grid that passes: RK4 with 2 steps
-   can be more accurate than dopri5 at 1e-2) it may stop above the cheapest passing rung, never
-   below a failing one, since every move is itself checked.
+   evaluations than the current settings. Bisection assumes that a rung passes when a cheaper
+   one does; where that fails (a loose tolerance that fails above a fine grid that passes: RK4
+   with 2 steps can be more accurate than dopri5 at 1e-2) it may stop above the cheapest passing
+   rung, never below a failing one, since every move is itself checked.
+
+The rule checks and moves the automatic rungs; a :class:`~tolgate.ladder.LadderGate` on top
+learns departures from them (its own probes, :class:`~tolgate.probes.ProbedGateEstimator`).
 
 Why this budget. SGD already follows a gradient estimate whose loss carries the sampling error
 ``std(L) / sqrt(B)`` of the minibatch. A deterministic solver error well below that noise changes
@@ -45,7 +48,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .ladder import REFERENCE_SETTING, FixedSetting, LadderPolicy, SolverSetting
+from .ladder import REFERENCE_SETTING, FixedSetting, LadderGate, LadderPolicy, SolverSetting
 from .probes import Objective, Probe, minibatch_noise, run_probe
 from .solver import GatedSolver, gated_solvers
 
@@ -70,14 +73,19 @@ class ClimbReport:
 
 
 def ladder_policies(module: nn.Module) -> list[LadderPolicy]:
-    """The distinct :class:`LadderPolicy` objects of ``module``'s solvers, in solver order;
-    ``TypeError`` naming the solver whose policy is something else."""
+    """The distinct :class:`LadderPolicy` objects of ``module``'s solvers (a
+    :class:`~tolgate.ladder.LadderGate`'s base), in solver order; ``TypeError`` naming the solver
+    whose policy is something else."""
     policies: list[LadderPolicy] = []
     for k, solver in enumerate(gated_solvers(module)):
-        if not isinstance(solver.policy, LadderPolicy):
-            raise TypeError(f"solver {k} has policy {type(solver.policy).__name__}; climb needs LadderPolicy")
-        if all(solver.policy is not p for p in policies):
-            policies.append(solver.policy)
+        policy = _ladder_policy(solver)
+        if policy is None:
+            raise TypeError(
+                f"solver {k} has policy {type(solver.policy).__name__}; climb needs a LadderPolicy "
+                "(or a LadderGate on one)"
+            )
+        if all(policy is not p for p in policies):
+            policies.append(policy)
     if not policies:
         raise ValueError(f"{type(module).__name__} contains no GatedSolver: nothing to climb")
     return policies
@@ -108,7 +116,7 @@ def climb(
 
     def probe(settings: dict[int, SolverSetting]) -> Probe:
         policy_of = {id(p): FixedSetting(settings.get(id(p), p.setting)) for p in policies}
-        probes.append(run_probe(module, objective, lambda solver: policy_of[id(solver.policy)], noise_seed))
+        probes.append(run_probe(module, objective, lambda solver: policy_of[id(_ladder_policy(solver))], noise_seed))
         return probes[-1]
 
     current = probe({})
@@ -202,7 +210,13 @@ def _nfe_per_solve(module: nn.Module, probe: Probe) -> dict[int, float]:
     totals: dict[int, list[int]] = {}
     solvers: list[GatedSolver] = list(gated_solvers(module))
     for solver, records in zip(solvers, probe.records_by_solver, strict=True):
-        entry = totals.setdefault(id(solver.policy), [0, 0])
+        entry = totals.setdefault(id(_ladder_policy(solver)), [0, 0])
         entry[0] += sum(r.nfe_forward for r in records)
         entry[1] += len(records)
     return {key: total / max(count, 1) for key, (total, count) in totals.items()}
+
+
+def _ladder_policy(solver: GatedSolver) -> LadderPolicy | None:
+    """The solver's :class:`LadderPolicy`: its policy, or a :class:`LadderGate`'s base."""
+    policy = solver.policy.base if isinstance(solver.policy, LadderGate) else solver.policy
+    return policy if isinstance(policy, LadderPolicy) else None

@@ -7,7 +7,8 @@ not, and which one wins depends on the data set and on how far training has gone
 default dopri5 at 1e-8 ... 1e-1, then RK4 with 8, 4, 2 and 1 steps over the block's time span),
 so that one rule can walk it. A :class:`LadderPolicy` (one per block) answers every solve with the
 setting of its current rung; :func:`tolgate.climb.climb` moves it, after a check against a tight
-reference solve (see that module for the rule and its derivation).
+reference solve (see that module for the rule and its derivation). A :class:`LadderGate` learns
+per-block departures from that rung with the probe estimator.
 
 Cost order. An adaptive rung costs whatever its error control needs, so it is only known once
 solved; a fixed-grid rung costs exactly ``stages x steps`` evaluations forward. The ladder is
@@ -24,7 +25,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from .errors import NonFiniteToleranceError
 from .policies import Progress, ToleranceChoice, TolerancePolicy, validate_grid_steps, validate_tolerance
 from .torchdiffeq_backend import ADAPTIVE_METHODS
 
@@ -230,3 +233,65 @@ class LadderPolicy(TolerancePolicy):
 
     def extra_repr(self) -> str:
         return f"rung={self.index} ({self.setting}) of {len(self.ladder)}"
+
+
+class LadderGate(TolerancePolicy):
+    """Learned per-block departures from an automatic rung: a gate network on top of a
+    :class:`LadderPolicy` (``base``, still moved by :func:`tolgate.climb.climb`).
+
+    A solve uses rung ``base.index + round(offset)`` (clipped to the ladder; positive offsets are
+    cheaper), ``offset`` in rungs. The gate acts at its mean ``mu = mean_batch net(context)[:, 0]``
+    (a network whose head outputs zero keeps the automatic choice) and :meth:`draw` samples
+    ``offset ~ N(mu, std^2)`` for :class:`~tolgate.probes.ProbedGateEstimator`, whose reward
+    (fewer evaluations, a penalty past the solver-error budget) teaches it where leaving the rule's
+    rung pays. ``std`` is a constant smoothing width in rungs, as the estimator's
+    ``exploration_std``: the rung is a step function of the offset, so a learned spread collapses.
+    """
+
+    def __init__(self, base: LadderPolicy, net: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(base, LadderPolicy):
+            raise TypeError(f"base must be a LadderPolicy, got {type(base).__name__}")
+        self.base, self.net = base, net
+
+    @property
+    def ladder(self) -> SolverLadder:
+        return self.base.ladder
+
+    def mean_offset(self, context: torch.Tensor) -> torch.Tensor:
+        """``mu``, shape ``()``, in rungs (differentiable in the network's parameters)."""
+        raw = self.net(context)
+        if raw.dim() != 2 or raw.shape[1] < 1:
+            raise ValueError(f"gate network must return shape (batch, k >= 1), got {tuple(raw.shape)}")
+        mu = raw[:, 0].mean()
+        if not bool(torch.isfinite(mu)):
+            raise NonFiniteToleranceError("ladder gate network produced a non-finite offset (NaN or inf)")
+        return mu
+
+    def rung_at(self, offset: float) -> int:
+        """The rung an offset of ``offset`` rungs from the base lands on."""
+        return min(max(self.base.index + round(offset), 0), len(self.ladder) - 1)
+
+    def forward(self, context: torch.Tensor, progress: Progress) -> ToleranceChoice:
+        with torch.no_grad():
+            offset = float(self.mean_offset(context))
+        return self.ladder[self.rung_at(offset)].choice()
+
+    def draw(
+        self, context: torch.Tensor, generator: torch.Generator | None = None, std: float | None = 1.0
+    ) -> ToleranceChoice:
+        """One draw of the offset (``std`` rungs; ``None``: 1), with the Gaussian ``log_prob`` of the
+        continuous draw, differentiable in the network's parameters."""
+        std = 1.0 if std is None else float(std)
+        trainable = any(p.requires_grad for p in self.net.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() or trainable):
+            mu = self.mean_offset(context)
+            noise = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+            value = (mu + std * noise).detach()
+            log_prob = -0.5 * ((value - mu) / std) ** 2 - math.log(std) - 0.5 * math.log(2 * math.pi)
+        choice = self.ladder[self.rung_at(float(value))].choice()
+        choice.log_prob = log_prob
+        return choice
+
+    def extra_repr(self) -> str:
+        return f"base rung {self.base.index} ({self.base.setting})"

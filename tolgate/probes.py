@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .ladder import LadderGate
 from .policies import FixedTolerance, GaussianGate, NoiseMatchedTolerance, Progress, ToleranceChoice, TolerancePolicy
 from .records import SolveRecord
 from .reinforce import leave_one_out_loss
@@ -165,7 +166,8 @@ def calibrate(
 
 
 class _SeededDraw(TolerancePolicy):
-    """A gate's draw from its own generator, with a differentiable ``log_prob`` even under the
+    """A gate's draw (a :class:`GaussianGate`'s tolerance, a :class:`~tolgate.ladder.LadderGate`'s
+    rung) from its own generator, with a differentiable ``log_prob`` even under the
     probe's ``no_grad``; other policies pass through unchanged."""
 
     def __init__(self, policy: TolerancePolicy, generator: torch.Generator, std: float | None) -> None:
@@ -173,7 +175,7 @@ class _SeededDraw(TolerancePolicy):
         self.policy, self.generator, self.std = policy, generator, std
 
     def forward(self, context: torch.Tensor, progress: Progress) -> ToleranceChoice:
-        if isinstance(self.policy, GaussianGate):
+        if isinstance(self.policy, (GaussianGate, LadderGate)):
             with torch.enable_grad():
                 return self.policy.draw(context, self.generator, self.std)
         return self.policy(context, progress)
@@ -183,7 +185,7 @@ class _SeededDraw(TolerancePolicy):
 class GateProbeReport:
     """What one :meth:`ProbedGateEstimator.loss` measured, per draw ``k`` and solve ``i``."""
 
-    log10_tolerance: torch.Tensor  # (draws, solves) drawn log10 tolerances (batch-mean for per-sample gates)
+    log10_tolerance: torch.Tensor  # (draws, solves) drawn log10 tolerances (batch-mean per-sample; NaN on a grid)
     nfe_forward: torch.Tensor  # (draws, solves)
     nfe_reference: torch.Tensor  # (solves,) at the reference tolerance
     error: torch.Tensor  # (draws,) solver error of the objective against the reference
@@ -271,9 +273,7 @@ class ProbedGateEstimator:
             step = self.multiplier_lr * (float((error / budget).mean()) - 1.0)
             self.penalty = min(max(self.penalty + step, 0.0), self.max_penalty)
         report = GateProbeReport(
-            log10_tolerance=torch.tensor(
-                [[r.mean_log10_tolerance for r in p.records] for p in probes], dtype=torch.float64
-            ),
+            log10_tolerance=torch.tensor([[_log10_or_nan(r) for r in p.records] for p in probes], dtype=torch.float64),
             nfe_forward=nfe,
             nfe_reference=nfe_reference,
             error=error,
@@ -299,3 +299,8 @@ class ProbedGateEstimator:
             return torch.zeros((), dtype=torch.float64)
         log_probs = torch.stack([torch.stack([p.records[i].log_prob.mean() for i in learned]) for p in probes])
         return leave_one_out_loss(log_probs, rewards[:, learned].to(log_probs.dtype))
+
+
+def _log10_or_nan(record: SolveRecord) -> float:
+    value = record.mean_log10_tolerance
+    return math.nan if value is None else value

@@ -162,10 +162,10 @@ def check_compatible(
                 "has adaptive methods only"
             )
     if levers.solver_penalties:
-        if tolerance_mode == "auto":
+        if tolerance_mode in ("auto", "auto-learned"):
             raise ValueError(
                 "local_error / stiffness penalties come from an adaptive solver's error estimate; tolerance mode "
-                "'auto' may train on fixed-grid rungs without one"
+                f"{tolerance_mode!r} may train on fixed-grid rungs without one"
             )
         if adjoint:
             raise ValueError(

@@ -21,9 +21,9 @@ What :func:`run_testbed` reports (``summary.json``), and why:
 * ``ladder_evaluation``: the held-out NLL and its NFE at every rung of
   :data:`~tolgate_flows.cheapest_eval.EVALUATION_LADDER` (dopri5 1e-5 ... 1e-1, RK4 8 ... 1
   steps; every block at the rung), for the cheapest honest evaluation of the trained model.
-* ``auto`` mode: ``final_settings`` (each solve's setting at the last iteration; also in every
-  mode), ``rungs`` per ``log.jsonl`` line (each block's mean ladder rung over the window), and the
-  ``*_at_used_tol`` keys at the rung each block ended on.
+* ``auto`` and ``auto-learned`` modes: ``final_settings`` (each solve's setting at the last
+  iteration; also in every mode), ``rungs`` per ``log.jsonl`` line (each block's mean ladder rung
+  over the window), and the ``*_at_used_tol`` keys at the rung each block trained on last.
 * Levers (:mod:`.levers`: RNODE, solver penalties, STEER, fixed-grid training): the training loss
   adds the weighted penalties (:func:`~tolgate_flows.levers.with_penalties`) and ``log.jsonl``
   reports each penalty's value per iteration (``kinetic, jacobian, local_error, stiffness``;
@@ -58,6 +58,7 @@ from tolgate import (
     FixedSetting,
     FixedTolerance,
     MLPGate,
+    SolverSetting,
     TolerancePolicy,
     collect_records,
     gated_solvers,
@@ -69,7 +70,7 @@ from .cheapest_eval import RungEvaluation, evaluate_ladder
 from .data import ToyData, derived_seed, toy_data
 from .levers import PENALTIES, LeverConfig, PenaltyValues, check_compatible, with_penalties
 from .models import ModelKind
-from .tolerance import ToleranceConfig, ToleranceLearner, make_optimizer, policy_factory
+from .tolerance import LADDER_MODES, ToleranceConfig, ToleranceLearner, make_optimizer, policy_factory, solver_ladder
 from .vector_flows import VectorFlow, VectorFlowConfig, build_vector_flow, density_integral
 
 _BATCH_STREAM = 1
@@ -172,7 +173,7 @@ class StepStats:
     """What one training iteration measured. NFE summed over blocks; ``log10_tolerance`` per
     block (``None`` on a fixed grid); ``nll`` and ``cross_entropy`` (``None`` for cnf) batch means
     in nats; ``penalties`` the levers' values before weighting; ``settings`` each training solve's
-    solver setting (``record.setting``); ``rungs`` each block's ladder rung in ``auto`` mode
+    solver setting (``record.setting``); ``rungs`` each solve's ladder rung in the ladder modes
     (``None`` otherwise), both as this iteration trained, before its probes moved anything."""
 
     nfe_forward: int
@@ -229,7 +230,7 @@ def train_step(
     total, penalties = with_penalties(loss, config.levers, out.regularisers, records)
     optimizer.zero_grad(set_to_none=True)
     learner.backward(total, records, loss.detach())
-    rungs = [p.index for p in policies] if config.tolerance.mode == "auto" else None
+    ladder = solver_ladder(config.tolerance) if config.tolerance.mode in LADDER_MODES else None
     rows = config.tolerance.probe_size
     probe_x, probe_y = x[:rows], None if y is None else y[:rows]
 
@@ -249,7 +250,7 @@ def train_step(
         seconds=time.perf_counter() - start,
         penalties=penalties,
         settings=[r.setting for r in records],
-        rungs=rungs,
+        rungs=None if ladder is None else [ladder.index(SolverSetting.parse(r.setting)) for r in records],
     )
 
 
@@ -369,8 +370,9 @@ def _summarise(model: VectorFlow, config: TestbedConfig, stats: Sequence[StepSta
     at_used: HeldOutMetrics | None = None
     integral_at_used: float | None = None
     used: dict[int, TolerancePolicy] | None = None
-    if config.tolerance.mode == "auto":  # the rung each block ended on
-        used = {id(s): FixedSetting(s.policy.setting) for s in gated_solvers(model)}
+    if config.tolerance.mode in LADDER_MODES:  # the rung each block trained on last
+        ended = [FixedSetting(SolverSetting.parse(setting)) for setting in stats[-1].settings]
+        used = {id(s): policy for s, policy in zip(gated_solvers(model), ended, strict=True)}
     elif config.levers.train_method is None:  # a fixed grid in training used no tolerance
         used = {
             id(s): FixedTolerance(10.0**t) for s, t in zip(gated_solvers(model), final["log10_tolerance"], strict=True)

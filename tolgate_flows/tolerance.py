@@ -19,6 +19,8 @@ Modes (``TOLERANCE_MODES``):
   the solver error of the objective against a dopri5 reference at ``reference_tol`` stays within
   ``budget_fraction`` of the minibatch noise, and back up as soon as a check fails. No step or
   tolerance is set by hand.
+* ``auto-learned``: the same automatic rungs, with a :class:`tolgate.LadderGate` per block that
+  learns departures from them (the probe estimator, draws ``ladder_exploration_std`` rungs wide).
 
 :class:`ToleranceLearner` is what a training loop calls: :meth:`~ToleranceLearner.backward`
 replaces ``loss.backward()``, :meth:`~ToleranceLearner.probe` runs after it every
@@ -37,6 +39,7 @@ from torch import nn
 from tolgate import (
     FixedTolerance,
     GaussianGate,
+    LadderGate,
     LadderPolicy,
     NoiseMatchedTolerance,
     ProbedGateEstimator,
@@ -52,7 +55,9 @@ from tolgate import (
 )
 from tolgate.probes import Objective
 
-TOLERANCE_MODES = ("fixed", "scheduled", "learned", "frozen", "gate-mean", "adaptive", "auto")
+TOLERANCE_MODES = ("fixed", "scheduled", "learned", "frozen", "gate-mean", "adaptive", "auto", "auto-learned")
+#: the modes that climb the ladder of solver settings
+LADDER_MODES = ("auto", "auto-learned")
 ESTIMATORS = ("probe", "paper")
 # (block index, gate input size: channels or features) -> that block's policy.
 PolicyFactory = Callable[[int, int], TolerancePolicy]
@@ -71,6 +76,7 @@ class ToleranceConfig:
     the multiplier's dual-ascent step (0: a fixed penalty). ``ladder``: the ``auto`` mode's rungs,
     expensive to cheap, as ``method:tolerance`` or ``method:steps`` (``None``: the default ladder,
     see the module docstring); every block starts at dopri5 ``train_tol``.
+    ``ladder_exploration_std``: ``auto-learned``'s spread of gate draws around the gate's mean, in rungs.
     """
 
     mode: str = "fixed"
@@ -96,6 +102,7 @@ class ToleranceConfig:
     tolerance_low: float = 1e-8
     tolerance_high: float = 1e-1
     ladder: list[str] | None = None
+    ladder_exploration_std: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mode not in TOLERANCE_MODES:
@@ -121,14 +128,14 @@ class ToleranceConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-        for name in ("budget_fraction", "adaptive_step", "exploration_std"):
+        for name in ("budget_fraction", "adaptive_step", "exploration_std", "ladder_exploration_std"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-        if self.mode == "auto":
+        if self.mode in LADDER_MODES:
             if self.per_sample:
                 raise ValueError(
-                    "tolerance mode 'auto' climbs a ladder with fixed-grid rungs, which the per-sample backend "
+                    f"tolerance mode {self.mode!r} climbs a ladder with fixed-grid rungs, which the per-sample backend "
                     "cannot solve: use the torchdiffeq backend"
                 )
             ladder = solver_ladder(self)
@@ -148,7 +155,7 @@ class ToleranceConfig:
     @property
     def probes(self) -> bool:
         """Does this configuration run probes (probe estimator or adaptive policy)?"""
-        return self.mode in ("adaptive", "auto") or (self.mode == "learned" and self.estimator == "probe")
+        return self.mode in ("adaptive", *LADDER_MODES) or (self.mode == "learned" and self.estimator == "probe")
 
 
 def solver_ladder(config: ToleranceConfig) -> SolverLadder:
@@ -185,8 +192,9 @@ def policy_factory(config: ToleranceConfig, gate_net: Callable[[int], nn.Module]
             return FixedTolerance(10.0 ** config.gate_mean_log10[index])
         if config.mode == "adaptive":
             return adaptive
-        if config.mode == "auto":
-            return LadderPolicy(solver_ladder(config), start=config.start_setting)
+        if config.mode in LADDER_MODES:
+            automatic = LadderPolicy(solver_ladder(config), start=config.start_setting)
+            return automatic if config.mode == "auto" else LadderGate(automatic, gate_net(size))
         gate = GaussianGate(
             gate_net(size),
             low=config.tolerance_low,
@@ -229,6 +237,14 @@ class ToleranceLearner:
             exploration_std=config.exploration_std,
             multiplier_lr=config.multiplier_lr,
         )
+        self.ladder_estimator = ProbedGateEstimator(
+            draws=config.probe_draws,
+            reference_tol=config.reference_tol,
+            fraction=config.budget_fraction,
+            penalty=config.penalty,
+            exploration_std=config.ladder_exploration_std,
+            multiplier_lr=config.multiplier_lr,
+        )
 
     @property
     def paper_estimator(self) -> bool:
@@ -258,7 +274,7 @@ class ToleranceLearner:
         if not self.config.probes or step % self.config.probe_every != 0:
             return ProbeCost()
         noise_seed = (self.seed * 1_000_003 + step) % (2**31)
-        if self.config.mode == "auto":
+        if self.config.mode in LADDER_MODES:
             climbed = climb(
                 model,
                 objective,
@@ -269,6 +285,10 @@ class ToleranceLearner:
                 turn=step // self.config.probe_every,
             )
             nfe, rows = climbed.nfe_forward, climbed.rows
+            if self.config.mode == "auto-learned":  # then the gates learn departures from the new rungs
+                surrogate, probe_report = self.ladder_estimator.loss(model, objective, noise_seed, batch_size)
+                surrogate.backward()
+                nfe += probe_report.probe_nfe_forward
             return ProbeCost(
                 nfe, rows, nfe * rows / batch_size, climbed.error, climbed.budget, settings=climbed.settings_after
             )
@@ -296,7 +316,7 @@ class ToleranceLearner:
 def make_optimizer(model: nn.Module, lr: float, gate_lr: float) -> torch.optim.Adam:
     """Adam over the trainable parameters; the gates' in their own group at ``gate_lr``: the
     policy's step size is a separate choice from the flow's (its signal is much noisier)."""
-    gate_ids = {id(p) for m in model.modules() if isinstance(m, GaussianGate) for p in m.parameters()}
+    gate_ids = {id(p) for m in model.modules() if isinstance(m, (GaussianGate, LadderGate)) for p in m.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if id(p) not in gate_ids], "lr": lr}]
     gates = [p for p in trainable if id(p) in gate_ids]
