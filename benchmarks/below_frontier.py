@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from pathlib import Path
@@ -33,10 +32,15 @@ from tolgate import (
     FixedTolerance,
     GatedSolver,
     GaussianGate,
+    LadderGate,
+    LadderPolicy,
     MLPGate,
     NoiseMatchedTolerance,
     ProbedGateEstimator,
+    SolverLadder,
+    SolverSetting,
     calibrate,
+    climb,
     use_policies,
 )
 from tolgate.probes import minibatch_noise, reference_probe, run_probe
@@ -91,7 +95,49 @@ def measure(chain: Chain, y0: torch.Tensor, policy_for, reference_tol: float, ba
         "nfe": probe.nfe_forward,
         "error": probe.error_against(reference),
         "budget_noise": minibatch_noise(reference, batch_size),
-        "log10_tolerance": [math.log10(float(torch.as_tensor(r.rtol).double().mean())) for r in probe.records],
+        "log10_tolerance": [r.mean_log10_tolerance for r in probe.records],
+        "settings": [r.setting for r in probe.records],
+    }
+
+
+def run_ladder(args: argparse.Namespace, seed: int, learned: bool) -> dict:
+    """The automatic ladder policy per block (``climb`` every step), and with ``learned`` a
+    :class:`LadderGate` per block trained on top of it by the probe estimator (issue 16, item 3)."""
+    torch.manual_seed(seed)
+    held_out = batch(seed, -1, args.eval_batch)
+    reference = SolverSetting("dopri5", args.reference_tol)
+    ladder = SolverLadder.default()
+
+    def policy() -> LadderPolicy | LadderGate:
+        automatic = LadderPolicy(ladder, start=SolverSetting("dopri5", 10.0**args.start_log10))
+        return LadderGate(automatic, MLPGate(2)).double() if learned else automatic
+
+    chain = Chain(args.omegas, args.weights, policy)
+    gates = [s.policy for s in chain.solvers if isinstance(s.policy, LadderGate)]
+    optimizer = torch.optim.Adam([p for g in gates for p in g.parameters()], lr=args.gate_lr) if gates else None
+    estimator = ProbedGateEstimator(
+        draws=args.draws, reference_tol=args.reference_tol, fraction=args.fraction, exploration_std=1.0
+    )
+    probe_nfe = 0
+    for step in range(args.iterations):
+        y0 = batch(seed, step, args.batch)
+
+        def objective(y0: torch.Tensor = y0) -> torch.Tensor:
+            return chain.objective(y0)
+
+        report = climb(
+            chain, objective, seed * 7 + step, args.batch, reference=reference, fraction=args.fraction, turn=step
+        )
+        probe_nfe += report.nfe_forward
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+            surrogate, probed = estimator.loss(chain, objective, seed * 7 + step, args.batch)
+            surrogate.backward()
+            optimizer.step()
+            probe_nfe += probed.probe_nfe_forward
+    return {
+        **measure(chain, held_out, lambda s: s.policy, args.reference_tol, args.batch),
+        "probe_nfe_per_step": probe_nfe / args.iterations,
     }
 
 
@@ -138,6 +184,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
         frontier.append(
             {"tolerance": tol, **measure(chain, held_out, lambda s, fixed=fixed: fixed, args.reference_tol, args.batch)}
         )
+    auto = run_ladder(args, seed, learned=False)
+    auto_learned = run_ladder(args, seed, learned=True)
     budget = args.fraction * learned["budget_noise"]
     within = [f for f in frontier if f["error"] <= budget]
     best_fixed = min(within, key=lambda f: f["nfe"]) if within else None
@@ -146,9 +194,12 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
         "budget": budget,
         "learned": learned,
         "adaptive": adaptive,
+        "auto": auto,
+        "auto_learned": auto_learned,
         "frontier": frontier,
         "best_fixed": best_fixed,
         "learned_over_best_fixed_nfe": learned["nfe"] / best_fixed["nfe"] if best_fixed else None,
+        "auto_learned_over_auto_nfe": auto_learned["nfe"] / auto["nfe"],
         "learned_seconds": learned_seconds,
     }
 
@@ -184,6 +235,11 @@ def plot(results: list[dict], path: Path) -> None:
             ms=7,
             label=label("adaptive (one tolerance, noise-matched)"),
         )
+        for key, marker, name in (
+            ("auto", "g^", "automatic ladder (tolerances and grids)"),
+            ("auto_learned", "mv", "learned departures from it"),
+        ):
+            ax.loglog([r[key]["nfe"]], [max(r[key]["error"] / r["budget"], 1e-6)], marker, ms=8, label=label(name))
     ax.axhline(1.0, color="k", lw=0.8, ls=":", label="solver-error budget")
     ax.set_xlabel("forward NFE per pass (all blocks)")
     ax.set_ylabel("solver error of the objective / budget")
@@ -222,7 +278,10 @@ def main() -> None:
         print(
             f"seed {seed}: learned nfe {r['learned']['nfe']} err/budget {r['learned']['error'] / r['budget']:.2f} "
             f"tol {[round(v, 2) for v in r['learned']['log10_tolerance']]} | adaptive nfe {r['adaptive']['nfe']} "
-            f"err/budget {r['adaptive']['error'] / r['budget']:.2f} | best fixed "
+            f"err/budget {r['adaptive']['error'] / r['budget']:.2f} | auto nfe {r['auto']['nfe']} "
+            f"err/budget {r['auto']['error'] / r['budget']:.2f} {r['auto']['settings']} | auto+learned nfe "
+            f"{r['auto_learned']['nfe']} err/budget {r['auto_learned']['error'] / r['budget']:.2f} "
+            f"{r['auto_learned']['settings']} | best fixed "
             + ("-" if best is None else f"{best['tolerance']:.1e} nfe {best['nfe']}"),
             flush=True,
         )
@@ -236,11 +295,18 @@ def main() -> None:
             "std": statistics.stdev(ratios) if len(ratios) > 1 else None,
         },
         "learned_within_budget": sum(r["learned"]["error"] <= r["budget"] for r in results),
+        "auto_within_budget": sum(r["auto"]["error"] <= r["budget"] for r in results),
+        "auto_learned_within_budget": sum(r["auto_learned"]["error"] <= r["budget"] for r in results),
+        "auto_learned_over_auto_nfe": {
+            "mean": statistics.mean(r["auto_learned_over_auto_nfe"] for r in results),
+            "std": statistics.stdev(r["auto_learned_over_auto_nfe"] for r in results) if len(results) > 1 else None,
+        },
         "seeds": results,
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(results, args.out / "frontier.png")
-    print(json.dumps({k: summary[k] for k in ("learned_over_best_fixed_nfe", "learned_within_budget")}))
+    keys = ("learned_over_best_fixed_nfe", "learned_within_budget", "auto_within_budget", "auto_learned_over_auto_nfe")
+    print(json.dumps({k: summary[k] for k in keys}))
 
 
 if __name__ == "__main__":
