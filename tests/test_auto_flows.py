@@ -145,3 +145,29 @@ def test_main_job_last_line_names_the_cheapest_equal_quality_row_without_a_hand_
     assert "infocnf-auto," in line and "42.0 evaluations" in line and "3.29x fewer" in line
     none = cheapest_verdict({"r": _summary(2.3, 1, 1), "c": _summary(2.5, 1, 1)}, candidates=["c"], reference="r")
     assert none.startswith("No row")
+
+
+def test_auto_learned_puts_a_gate_on_every_block_in_its_own_optimiser_group(tmp_path) -> None:
+    from tolgate import LadderGate
+    from tolgate_flows.tolerance import make_optimizer
+
+    config = testbed.TestbedConfig(
+        testbed="8gaussians",
+        n_blocks=2,
+        hidden=8,
+        batch=64,
+        iterations=4,
+        eval_size=100,
+        grid_points=20,
+        log_every=2,
+        tolerance=ToleranceConfig(mode="auto-learned", probe_every=2, probe_size=16),
+    )
+    model = testbed.build(config)
+    gates = [solver.policy for solver in gated_solvers(model)]
+    assert all(isinstance(g, LadderGate) for g in gates)
+    groups = make_optimizer(model, lr=1e-3, gate_lr=0.5).param_groups
+    assert groups[1]["lr"] == 0.5 and {id(p) for p in groups[1]["params"]} == {
+        id(p) for g in gates for p in g.parameters()
+    }
+    summary = testbed.run_testbed(config, tmp_path)
+    assert summary["probe_nfe_equivalent"] > 0 and len(summary["final_settings"]) == 2

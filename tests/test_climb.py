@@ -159,3 +159,35 @@ def test_only_the_block_at_fault_retreats() -> None:
     assert report.retreats >= 1 and report.rungs_after[0] == report.rungs_before[0]
     error, budget, _ = error_at(model, [smooth, rough])
     assert error <= budget and report.error == pytest.approx(error)
+
+
+def test_a_ladder_gate_learns_to_leave_an_expensive_rung_that_it_need_not_pay_for() -> None:
+    """The probe estimator's reward (fewer evaluations, a penalty past the budget) moves a
+    :class:`LadderGate` off a base rung pinned at the reference when cheaper rungs pass. The
+    ladder is monotone in cost here (20, 14, 8, 4 evaluations): on the default one the smooth
+    block's dopri5 rungs from 1e-4 to 1e-1 all cost 14 and RK4 with 8 steps 32, a plateau without
+    signal and a bump that repels the draws (docs/results.md, issue 16)."""
+    from tolgate import LadderGate, LadderPolicy, MLPGate, ProbedGateEstimator
+
+    torch.manual_seed(0)
+    model = Exponentials([0.1])
+    ladder = SolverLadder([SolverSetting.parse(s) for s in ("dopri5:1e-5", "dopri5:1e-3", "rk4:2", "rk4:1")])
+    gate = LadderGate(LadderPolicy(ladder), MLPGate(1)).double()
+    model.solvers[0].policy = gate
+    estimator = ProbedGateEstimator(draws=4, exploration_std=1.0)
+    optimizer = torch.optim.Adam(gate.parameters(), lr=0.1)
+    context = ROWS[:, None]
+    before = float(gate.mean_offset(context).detach())
+    with collect_records(model) as start:
+        model(ROWS)
+    for step in range(40):
+        optimizer.zero_grad()
+        surrogate, report = estimator.loss(model, lambda: model(ROWS), noise_seed=step, batch_size=BATCH)
+        surrogate.backward()
+        optimizer.step()
+    with collect_records(model) as end:
+        model(ROWS)
+    assert float(gate.mean_offset(context).detach()) > before + 1.0  # more than a rung cheaper
+    assert end[0].nfe_forward < start[0].nfe_forward
+    error, budget, _ = error_at(model, [SolverSetting.parse(end[0].setting)])
+    assert error <= budget
