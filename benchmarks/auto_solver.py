@@ -95,7 +95,11 @@ def main() -> None:
         timing = time_arms(TESTBEDS[0], TIMING_ARMS, args.timing_warmup, args.timing_rounds)
         (args.results / "timing.json").write_text(json.dumps({"command": command, "arms": timing}, indent=1))
         for arm, row in timing.items():
-            print(f"{arm:12s} {row['median_seconds_per_iteration'] * 1e3:7.1f} ms/iter ({row['ratio_to_ffjord']:.2f}x)")
+            print(
+                f"{arm:12s} median {row['median_seconds_per_iteration'] * 1e3:6.1f} ms/iter "
+                f"({row['ratio_to_ffjord']:.2f}x), mean with probes {row['mean_seconds_per_iteration'] * 1e3:6.1f} "
+                f"({row['mean_ratio_to_ffjord']:.2f}x)"
+            )
         return
     if args.run:
         jobs = [(testbed, arm, seed) for seed in args.seeds for testbed in TESTBEDS for arm in ARMS]

@@ -114,6 +114,11 @@ def time_arms(testbed: str, arms: list[str], warmup: int, rounds: int, per_round
     return {
         arm: {
             "median_seconds_per_iteration": medians[arm],
+            # the mean counts the iterations that run probes (one in probe_every), the median does not
+            "mean_seconds_per_iteration": statistics.fmean(seconds[arm]),
+            "mean_ratio_to_ffjord": None
+            if reference is None
+            else statistics.fmean(seconds[arm]) / statistics.fmean(seconds["ffjord"]),
             "ratio_to_ffjord": None if reference is None else medians[arm] / reference,
             "mean_nfe_forward_plus_backward": statistics.fmean(nfe[arm]),
             "iterations_timed": len(seconds[arm]),
