@@ -26,7 +26,7 @@ def test_default_ladder_spans_the_tolerance_range_then_rk4_grids() -> None:
     ladder = solver_ladder(ToleranceConfig(mode="auto", tolerance_low=1e-6, tolerance_high=1e-2, train_tol=3e-4))
     assert [str(s) for s in ladder] == [
         "dopri5:1e-06", "dopri5:1e-05", "dopri5:0.0001", "dopri5:0.0003", "dopri5:0.001", "dopri5:0.01",
-        "rk4:8", "rk4:4", "rk4:2", "rk4:1",
+        "rk4:8", "rk4:6", "rk4:4", "rk4:3", "rk4:2", "rk4:1",
     ]  # fmt: skip
     given = solver_ladder(ToleranceConfig(mode="auto", ladder=["dopri5:1e-5", "rk4:2"]))
     assert list(given) == [SolverSetting("dopri5", 1e-5), SolverSetting("rk4", steps=2)]

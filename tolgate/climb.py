@@ -15,12 +15,13 @@ numbers (the same rows, the same Hutchinson noise, no dropout: :func:`tolgate.pr
 3. **Descend** (only when the check passed at once). First every block together at its cheapest
    eligible rung (:meth:`~tolgate.ladder.LadderPolicy.cheaper`); if that fails, block by block,
    each at its cheapest together with the moves already taken; then one block that did not move,
-   in turn, bisects between where it stands and its cheapest. A move is taken when the error of
-   every block's setting together stays within the budget and the probe costs no more
-   evaluations than the current settings. Bisection assumes that a rung passes when a cheaper
-   one does; where that fails (a loose tolerance that fails above a fine grid that passes: RK4
-   with 2 steps can be more accurate than dopri5 at 1e-2) it may stop above the cheapest passing
-   rung, never below a failing one, since every move is itself checked.
+   in turn, finds the cheapest passing rung of each method below it (tolerances, grids) by
+   bisection and takes the one of fewer evaluations. A move is taken when the error of every
+   block's setting together stays within the budget and the probe costs no more evaluations
+   than the current settings. Bisection within a method assumes that a rung passes when a
+   cheaper one does (a looser tolerance or fewer steps is less accurate), which is why it runs
+   per method: across methods accuracy and cost are not ordered (RK4 with 8 steps can pass
+   where dopri5 at 1e-2 fails, and cost more than dopri5 at 1e-3, which passes too).
 
 The rule checks and moves the automatic rungs; a :class:`~tolgate.ladder.LadderGate` on top
 learns departures from them (its own probes, :class:`~tolgate.probes.ProbedGateEstimator`).
@@ -36,7 +37,7 @@ discretisation, and its training NLL reads 1.06 nats where the ODE it defines sc
 that is exactly the case the check catches, the first time it is run after it happens.
 
 Cost. A climb costs 2 probes when the check passes and no block can move, 3 when the joint
-cheapest rungs pass, at most ``3 + blocks + log2(rungs)`` otherwise, and ``blocks`` per retreat;
+cheapest rungs pass, at most ``4 + blocks + 2 log2(rungs)`` otherwise, and ``blocks`` per retreat;
 :attr:`ClimbReport.nfe_forward` counts every evaluation, on ``rows`` samples each, so runs can
 report it next to the training NFE.
 """
@@ -169,14 +170,14 @@ def _descend(
         return None, False
     accepted: dict[int, SolverSetting] = {}
 
-    def passes(moves: dict[int, SolverSetting]) -> tuple[bool, float]:
+    def passes(moves: dict[int, SolverSetting]) -> tuple[bool, float, int]:
         candidate = probe({**accepted, **moves})
         error = candidate.error_against(ref)
-        return error <= budget and candidate.nfe_forward <= current.nfe_forward, error
+        return error <= budget and candidate.nfe_forward <= current.nfe_forward, error, candidate.nfe_forward
 
     cheapest = {id(p): p.cheaper(nfe_now[id(p)])[-1] for p in movable}
     # 1. the cheapest first, every block together: where a smooth field often ends
-    ok, first_error = passes({id(p): p.ladder[cheapest[id(p)]] for p in movable})
+    ok, first_error, _ = passes({id(p): p.ladder[cheapest[id(p)]] for p in movable})
     if ok:
         for p in movable:
             p.move_to(cheapest[id(p)])
@@ -187,22 +188,51 @@ def _descend(
             if passes({id(p): p.ladder[cheapest[id(p)]]})[0]:
                 accepted[id(p)] = p.ladder[cheapest[id(p)]]
                 p.move_to(cheapest[id(p)])
-    # 3. one block that did not move, in turn, bisects between where it stands and its cheapest
+    # 3. one block that did not move, in turn: the cheapest passing rung of each method by
+    #    bisection (within a method the ladder is monotone in accuracy), the fewer evaluations of the two
     stuck = [p for p in movable if id(p) not in accepted]
     if stuck:
         policy = stuck[turn % len(stuck)]
-        rungs = policy.cheaper(nfe_now[id(policy)])
-        passing, failing = -1, len(rungs) - 1  # rungs[failing] failed; rungs[passing] passes (-1: here)
-        while failing - passing > 1:
-            middle = (passing + failing) // 2
-            if passes({id(policy): policy.ladder[rungs[middle]]})[0]:
-                passing = middle
-            else:
-                failing = middle
-        if passing >= 0:
-            accepted[id(policy)] = policy.ladder[rungs[passing]]
-            policy.move_to(rungs[passing])
+        found = []
+        for rungs in _by_method(policy, policy.cheaper(nfe_now[id(policy)])):
+            tried = rungs[-1] == cheapest[id(policy)]  # the block's cheapest failed above
+            result = _cheapest_passing(rungs, lambda r: passes({id(policy): policy.ladder[r]}), tried)
+            if result is not None:
+                found.append(result)
+        if found:
+            rung = min(found, key=lambda pair: pair[1])[0]
+            accepted[id(policy)] = policy.ladder[rung]
+            policy.move_to(rung)
     return first_error, bool(accepted)
+
+
+def _by_method(policy: LadderPolicy, rungs: list[int]) -> list[list[int]]:
+    """``rungs`` (expensive to cheap) split by method, each in ladder order."""
+    groups: dict[str, list[int]] = {}
+    for rung in rungs:
+        groups.setdefault(policy.ladder[rung].method, []).append(rung)
+    return list(groups.values())
+
+
+def _cheapest_passing(
+    rungs: list[int], test: Callable[[int], tuple[bool, float, int]], cheapest_failed: bool
+) -> tuple[int, int] | None:
+    """``(rung, probe NFE)`` of the cheapest of ``rungs`` (one method, expensive to cheap) that
+    passes ``test``, by bisection (a rung passes when a cheaper one of its method does), the
+    cheapest tried first unless ``cheapest_failed``; ``None`` if none passes."""
+    if not cheapest_failed:
+        ok, _, nfe = test(rungs[-1])
+        if ok:
+            return rungs[-1], nfe
+    best, passing, failing = None, -1, len(rungs) - 1
+    while failing - passing > 1:
+        middle = (passing + failing) // 2
+        ok, _, nfe = test(rungs[middle])
+        if ok:
+            best, passing = (rungs[middle], nfe), middle
+        else:
+            failing = middle
+    return best
 
 
 def _nfe_per_solve(module: nn.Module, probe: Probe) -> dict[int, float]:

@@ -88,7 +88,7 @@ _NONE_MEANS = {
     "max_eval_batches": "all",
     "max_num_steps": "unlimited",
     "train_method": "off, train with --method",
-    "ladder": "dopri5 at every decade 1e-8..1e-1, then rk4:8 rk4:4 rk4:2 rk4:1",
+    "ladder": "dopri5 at every decade 1e-8..1e-1, then rk4:8 rk4:6 rk4:4 rk4:3 rk4:2 rk4:1",
 }
 
 _MAY_CHANGE = ", ".join(sorted(flag_of(name) for name in RESUME_MAY_CHANGE))

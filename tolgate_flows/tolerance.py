@@ -15,7 +15,7 @@ Modes (``TOLERANCE_MODES``):
   minibatch noise. Deterministic, no RL.
 * ``auto``: a :class:`tolgate.LadderPolicy` per block on a cost ladder of tolerances *and* fixed
   grids (``ladder``; default dopri5 at every decade from ``tolerance_low`` to ``tolerance_high``,
-  then RK4 with 8, 4, 2, 1 steps), moved by :func:`tolgate.climb`: a block goes down only while
+  then RK4 with 8, 6, 4, 3, 2, 1 steps), moved by :func:`tolgate.climb`: a block goes down only while
   the solver error of the objective against a dopri5 reference at ``reference_tol`` stays within
   ``budget_fraction`` of the minibatch noise, and back up as soon as a check fails. No step or
   tolerance is set by hand.
@@ -161,7 +161,7 @@ class ToleranceConfig:
 def solver_ladder(config: ToleranceConfig) -> SolverLadder:
     """The ``auto`` mode's ladder: ``config.ladder`` read rung by rung, or the default: dopri5 at
     every decade from ``tolerance_low`` to ``tolerance_high`` (and at ``train_tol``), then RK4
-    with 8, 4, 2 and 1 steps."""
+    with 8, 6, 4, 3, 2 and 1 steps."""
     if config.ladder is not None:
         return SolverLadder([SolverSetting.parse(text) for text in config.ladder])
     low, high = math.ceil(math.log10(config.tolerance_low) - 1e-9), math.floor(math.log10(config.tolerance_high) + 1e-9)
