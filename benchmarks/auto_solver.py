@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))  # studies/ beside benchmarks/
 from fewer_nfe import job_config, time_arms  # noqa: E402
 
 from studies import auto_solver as study  # noqa: E402
+from studies.testbed_grid import run_grid  # noqa: E402
 from tolgate_flows.cheapest_eval import evaluate_run_ladder  # noqa: E402
-from tolgate_flows.testbed_grid import run_grid  # noqa: E402
 
 TESTBEDS = ("8gaussians", "checkerboard")
 ARMS = ("ffjord", "rnode", "rnode-h0.5", "rnode-h1", "rk4", "adaptive", "auto", "auto-rnode")

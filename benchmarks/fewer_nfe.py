@@ -14,7 +14,7 @@ STEER at b = 0.5, the seminorm adjoint, the noise-matched adaptive tolerance) an
 Every arm is evaluated the same way: dopri5 at fixed 1e-5 on the same held-out samples, test NLL
 in nats and the NFE that evaluation needs. Within a seed every arm starts from the same flow and
 sees the same batches. Runs go to ``<out>/<testbed>/<arm>/seed<k>/`` (resumable, see
-:mod:`tolgate_flows.testbed_grid`); the report (:mod:`tolgate_flows.levers_report`: training NFE
+:mod:`studies.testbed_grid`); the report (:mod:`studies.levers_report`: training NFE
 forward + backward + probes, savings against ``ffjord``, paired NLL, the figure) to ``--results``.
 
 Wall time. The grid's runs follow one another on a shared machine, so their seconds per iteration
@@ -35,10 +35,10 @@ from pathlib import Path
 
 import torch
 
+from studies.levers_report import write_report
+from studies.testbed_grid import Job, run_grid
 from tolgate_flows.levers import LeverConfig
-from tolgate_flows.levers_report import write_report
 from tolgate_flows.testbed import TestbedConfig, Training
-from tolgate_flows.testbed_grid import Job, run_grid
 from tolgate_flows.tolerance import ToleranceConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,14 +6,14 @@
     python benchmarks/learned_tolerance.py --report-only                # aggregate what is on disk
 
 Grid: testbeds (``TESTBED_PRESETS``) x arms (``ARMS``) x seeds, run by
-:mod:`tolgate_flows.testbed_grid` (resumable cell by cell). ``gate-mean`` runs last: they fix
+:mod:`studies.testbed_grid` (resumable cell by cell). ``gate-mean`` runs last: they fix
 each block's tolerance at the final tolerance of the ``learned-probe`` run of the same testbed
 and seed.
 
 Within a seed every arm starts from the same flow and sees the same batches; every run is
 scored on the same held-out samples at the fixed ``eval_tol`` (1e-5). The report (mean ± std over
 seeds, the best fixed tolerance in hindsight, cost ratios, the frontier figure) goes to
-``--results`` (docs/results/learned_tolerance); see :mod:`tolgate_flows.testbed_report`.
+``--results`` (docs/results/learned_tolerance); see :mod:`studies.testbed_report`.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import json
 import sys
 from pathlib import Path
 
+from studies.testbed_grid import Job, run_dir, run_grid
+from studies.testbed_report import write_report
 from tolgate_flows.testbed import TestbedConfig
-from tolgate_flows.testbed_grid import Job, run_dir, run_grid
-from tolgate_flows.testbed_report import write_report
 from tolgate_flows.tolerance import ToleranceConfig
 
 ROOT = Path(__file__).resolve().parents[1]

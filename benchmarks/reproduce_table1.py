@@ -263,7 +263,7 @@ def main() -> None:
             for message in pool.map(lambda job: run_one(job[0], all_rows[job[0]][1], job[1], args), jobs):
                 print(message, flush=True)
     if args.levers:
-        from tolgate_flows.levers_report import digits_report, digits_table, plot_digits
+        from studies.levers_report import digits_report, digits_table, plot_digits
 
         try:
             report = digits_report(load_summaries(Path(args.results), LEVERS))
@@ -279,7 +279,7 @@ def main() -> None:
 
         print(comparison_table(load_summaries(Path(args.results), study)))
         return
-    from tolgate_flows.grid_report import write_report
+    from studies.grid_report import write_report
 
     write_report(load_summaries(Path(args.results), all_rows), all_rows, PAPER, Path(args.results))
 

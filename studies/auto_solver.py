@@ -20,6 +20,8 @@ from pathlib import Path
 from tolgate import SolverLadder, SolverSetting
 from tolgate_flows.report import training_cost
 
+from .testbed_report import mean_std
+
 MARGIN_NATS = 0.02
 MARGIN_BPD = 0.01
 TESTBED_REFERENCE = "ffjord"
@@ -30,17 +32,6 @@ DIGITS_HAND_PICKED = ("l-rnode", "l-rnode-h0.5", "l-rnode-h1")
 DIGITS_AUTOMATIC = ("a-auto", "a-auto-rnode", "a-auto-learned-rnode", "s-adaptive")
 #: the ladder the runs climbed (ToleranceConfig's default), for rung numbers in figures
 LADDER = SolverLadder.default()
-
-
-def mean_std(values: Sequence[float]) -> dict[str, float | int | None]:
-    """``{"mean", "std", "n"}`` of ``values`` (std 0 for one value; ``None`` for none)."""
-    if not values:
-        return {"mean": None, "std": None, "n": 0}
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "n": len(values),
-    }
 
 
 # ----------------------------------------------------------------------------- 2-D testbeds

@@ -1,4 +1,4 @@
-"""The levers studies' reports (tolgate_flows.levers_report) and the 2-D study's arms."""
+"""The levers studies' reports (studies.levers_report) and the 2-D study's arms."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tolgate_flows import levers_report
+from studies import levers_report
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
+from studies.testbed_report import build_report
 from tolgate import FixedTolerance, MLPGate
 from tolgate_flows import testbed
 from tolgate_flows.data import TESTBEDS, checkerboard, eight_gaussians, labelled_pinwheel, toy_data
-from tolgate_flows.testbed_report import build_report
 from tolgate_flows.tolerance import ToleranceConfig, policy_factory
 from tolgate_flows.vector_flows import VectorFlowConfig, build_vector_flow, density_integral
 

@@ -1,20 +1,29 @@
 """Figures the training run writes: curves (Figure 3's panels), tolerance histograms (Figure 2b),
-class-conditional sample grids (Figure 7). matplotlib with the Agg backend (no screen needed)."""
+class-conditional sample grids (Figure 7). matplotlib with the Agg backend (no screen needed),
+imported on the first figure: importing the trainer does not import matplotlib or change the
+backend of a caller's session."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+
+def _pyplot() -> ModuleType:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_curves(history: Sequence[dict], path: str | Path) -> None:
     """Test error, test bits/dim (conditional and marginal) and NFE per iteration against epoch."""
+    plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     if history and history[0]["test"].get("error") is not None:
@@ -36,6 +45,7 @@ def plot_curves(history: Sequence[dict], path: str | Path) -> None:
 
 def plot_tolerance_histograms(log10_tolerances: Sequence[Sequence[float]], path: str | Path, title: str) -> None:
     """One histogram of the drawn log10 tolerance per CNF block (Figure 2b)."""
+    plt = _pyplot()
     n = len(log10_tolerances)
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
@@ -55,6 +65,7 @@ def plot_tolerance_histograms(log10_tolerances: Sequence[Sequence[float]], path:
 
 def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int) -> None:
     """Images ``(B, C, H, W)`` in ``[0, 1]`` as a grid PNG with ``nrow`` images per row."""
+    plt = _pyplot()
     images = images.detach().float().cpu().clamp(0, 1)
     batch, channels, height, width = images.shape
     ncol = (batch + nrow - 1) // nrow

@@ -19,10 +19,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from . import plots
-from .levers import LeverConfig
+import matplotlib
 
-plt = plots.plt
+matplotlib.use("Agg")  # reports are written to files, on machines without a screen
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tolgate_flows.levers import LeverConfig
 
 METRICS = (
     "nfe_forward",
@@ -54,7 +56,7 @@ def load_runs(out: Path) -> dict[str, dict[str, list[dict]]]:
     return runs
 
 
-def _mean_std(values: Sequence[float | None]) -> dict[str, float | int | None]:
+def mean_std(values: Sequence[float | None]) -> dict[str, float | int | None]:
     present = [v for v in values if v is not None]
     if not present:
         return {"mean": None, "std": None, "n": 0}
@@ -68,9 +70,9 @@ def aggregate(summaries: Sequence[Mapping]) -> dict:
     lever settings that differ from the defaults (an arm with levers is never a fixed-tolerance
     baseline, whatever its tolerance mode)."""
     finished = [s for s in summaries if "failed" not in s]
-    result = {metric: _mean_std([s[metric] for s in finished]) for metric in METRICS}
+    result = {metric: mean_std([s[metric] for s in finished]) for metric in METRICS}
     per_block = zip(*(s["final_log10_tolerance"] for s in finished), strict=True) if finished else []
-    result["final_log10_tolerance"] = [_mean_std(block) for block in per_block]
+    result["final_log10_tolerance"] = [mean_std(block) for block in per_block]
     result["seeds"] = [s["seed"] for s in finished]
     result["failed"] = {s["seed"]: s["failed"] for s in summaries if "failed" in s}
     if finished:
@@ -82,14 +84,14 @@ def aggregate(summaries: Sequence[Mapping]) -> dict:
     return result
 
 
-def _plain_fixed(arm: Mapping) -> bool:
+def plain_fixed(arm: Mapping) -> bool:
     """A fixed tolerance and no lever: the baselines of the report."""
     return arm.get("mode") == "fixed" and not arm.get("levers")
 
 
 def _fixed_arms(arms: Mapping[str, dict]) -> list[str]:
     """Arms of fixed tolerance, loosest first."""
-    fixed = [name for name, arm in arms.items() if _plain_fixed(arm) and arm["test_nll"]["mean"] is not None]
+    fixed = [name for name, arm in arms.items() if plain_fixed(arm) and arm["test_nll"]["mean"] is not None]
     return sorted(fixed, key=lambda name: -arms[name]["train_tol"])
 
 
@@ -118,15 +120,15 @@ def _ratios(arms: Mapping[str, dict], best: dict) -> dict[str, dict]:
             "test_nll_minus_reference": arm["test_nll"]["mean"] - ref_nll,
         }
         for name, arm in arms.items()
-        if not _plain_fixed(arm) and arm["nfe_total"]["mean"] is not None
+        if not plain_fixed(arm) and arm["nfe_total"]["mean"] is not None
     }
 
 
-def _paired_nll(summaries: Sequence[Mapping], reference: Sequence[Mapping]) -> dict:
+def paired_nll(summaries: Sequence[Mapping], reference: Sequence[Mapping]) -> dict:
     """Mean ± std over the seeds both arms finished of ``test_nll(arm) - test_nll(reference)``:
     arms of one seed share their data and initial flow, so the seed-to-seed spread cancels."""
     ref = {s["seed"]: s["test_nll"] for s in reference if "failed" not in s}
-    return _mean_std([s["test_nll"] - ref[s["seed"]] for s in summaries if "failed" not in s and s["seed"] in ref])
+    return mean_std([s["test_nll"] - ref[s["seed"]] for s in summaries if "failed" not in s and s["seed"] in ref])
 
 
 def build_report(runs: Mapping[str, Mapping[str, Sequence[Mapping]]]) -> dict:
@@ -141,7 +143,7 @@ def build_report(runs: Mapping[str, Mapping[str, Sequence[Mapping]]]) -> dict:
             reference = arm_runs[best["reference_arm"]]
             report[testbed]["ratios"] = _ratios(arms, best)
             report[testbed]["paired_test_nll_vs_reference"] = {
-                arm: _paired_nll(summaries, reference) for arm, summaries in arm_runs.items()
+                arm: paired_nll(summaries, reference) for arm, summaries in arm_runs.items()
             }
     return report
 

@@ -19,8 +19,7 @@ import torch
 from tqdm import tqdm
 
 from tolgate import SolveError
-
-from .testbed import TestbedConfig, run_testbed
+from tolgate_flows.testbed import TestbedConfig, run_testbed
 
 #: one grid cell: (testbed, arm, seed)
 Job = tuple[str, str, int]

@@ -1,7 +1,7 @@
 """Report of the levers study (benchmarks/fewer_nfe.py): what each lever and stack saves in training.
 
 Reads the runs' ``summary.json`` (``<out>/<testbed>/<arm>/seed<k>/``, see
-:mod:`tolgate_flows.testbed_grid`). The cost of training is ``nfe_train``: forward plus backward
+:mod:`studies.testbed_grid`). The cost of training is ``nfe_train``: forward plus backward
 evaluations per iteration, plus the probes' batch-equivalent NFE where a tolerance policy probes
 (:func:`train_cost`). Quality is the test NLL at the fixed evaluation tolerance (dopri5, 1e-5),
 compared with the reference arm (FFJORD-style training at fixed 1e-5, :data:`REFERENCE_ARM`)
@@ -18,11 +18,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import plots
-from .report import training_cost
-from .testbed_report import MIN_NLL_MARGIN, _mean_std, _paired_nll, _plain_fixed, aggregate, load_runs, save_report
+import matplotlib
 
-plt = plots.plt
+matplotlib.use("Agg")  # reports are written to files, on machines without a screen
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tolgate_flows.report import training_cost
+
+from .testbed_report import MIN_NLL_MARGIN, aggregate, load_runs, mean_std, paired_nll, plain_fixed, save_report
 
 REFERENCE_ARM = "ffjord"
 
@@ -35,9 +38,9 @@ def train_cost(summary: Mapping) -> float:
 def _arm_entry(summaries: Sequence[Mapping], reference: Sequence[Mapping]) -> dict:
     finished = [s for s in summaries if "failed" not in s]
     entry = aggregate(summaries)
-    entry["nfe_train"] = _mean_std([train_cost(s) for s in finished])
-    entry["test_nfe_forward"] = _mean_std([s["test_nfe_forward"] for s in finished])
-    entry["paired_test_nll_vs_reference"] = _paired_nll(summaries, reference)
+    entry["nfe_train"] = mean_std([train_cost(s) for s in finished])
+    entry["test_nfe_forward"] = mean_std([s["test_nfe_forward"] for s in finished])
+    entry["paired_test_nll_vs_reference"] = paired_nll(summaries, reference)
     entry["adjoint"] = bool(finished and finished[0]["config"].get("adjoint"))
     return entry
 
@@ -126,7 +129,7 @@ def _quality_panel(ax: plt.Axes, arms: Mapping[str, dict], done: Sequence[str], 
 
 def _on_frontier(arm: Mapping) -> bool:
     """A fixed-tolerance dopri5 arm without levers or adjoint: a point of the fixed-tolerance frontier."""
-    return _plain_fixed(arm) and not arm["adjoint"]
+    return plain_fixed(arm) and not arm["adjoint"]
 
 
 def write_report(out: Path, results: Path, command: str) -> dict:
@@ -157,23 +160,23 @@ def digits_report(rows: Mapping[str, Sequence[Mapping]]) -> dict:
     def bpd(summary: Mapping) -> float:
         return summary["selected"]["test"]["bpd_cond"]
 
-    ref_cost = _mean_std([training_cost(s) for s in reference.values()])["mean"]
-    ref_eval = _mean_std([s["selected"]["test"]["nfe_forward"] for s in reference.values()])["mean"]
+    ref_cost = mean_std([training_cost(s) for s in reference.values()])["mean"]
+    ref_eval = mean_std([s["selected"]["test"]["nfe_forward"] for s in reference.values()])["mean"]
     margin = DIGITS_MARGIN_BPD
     report = {}
     for name, summaries in rows.items():
-        cost = _mean_std([training_cost(s) for s in summaries])
-        evaluation = _mean_std([s["selected"]["test"]["nfe_forward"] for s in summaries])
-        paired = _mean_std(
+        cost = mean_std([training_cost(s) for s in summaries])
+        evaluation = mean_std([s["selected"]["test"]["nfe_forward"] for s in summaries])
+        paired = mean_std(
             [bpd(s) - bpd(reference[s["config"]["seed"]]) for s in summaries if s["config"]["seed"] in reference]
         )
         report[name] = {
             "seeds": [s["config"]["seed"] for s in summaries],
-            "test_bpd": _mean_std([bpd(s) for s in summaries]),
-            "test_error": _mean_std([s["selected"]["test"]["error"] for s in summaries]),
+            "test_bpd": mean_std([bpd(s) for s in summaries]),
+            "test_error": mean_std([s["selected"]["test"]["error"] for s in summaries]),
             "nfe_train": cost,
             "test_nfe_forward": evaluation,
-            "seconds_per_iteration": _mean_std([s["seconds_per_iteration_mean"] for s in summaries]),
+            "seconds_per_iteration": mean_std([s["seconds_per_iteration_mean"] for s in summaries]),
             "paired_test_bpd_vs_reference": paired,
             "train_nfe_saving": ref_cost / cost["mean"],
             "eval_nfe_saving": ref_eval / evaluation["mean"],

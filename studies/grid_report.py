@@ -8,10 +8,12 @@ import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import plots
-from .report import row_metrics
+import matplotlib
 
-plt = plots.plt
+matplotlib.use("Agg")  # reports are written to files, on machines without a screen
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tolgate_flows.report import row_metrics
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
