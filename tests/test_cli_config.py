@@ -238,3 +238,14 @@ def test_every_committed_summary_and_config_json_reads():
             name: value for name, value in flat.items() if name in SETTINGS
         }, path
         assert config.model.kind == flat["model"], path
+
+
+def test_training_entry_point_is_an_installed_command():
+    """``tolgate-train`` (pyproject's [project.scripts]) is the same command line as benchmarks/cifar_infocnf.py."""
+    import subprocess
+    import sys
+
+    command = Path(sys.executable).parent / "tolgate-train"
+    assert command.exists(), "pip install -e . installs the tolgate-train command beside the interpreter"
+    done = subprocess.run([str(command), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--tolerance" in done.stdout and "auto" in done.stdout

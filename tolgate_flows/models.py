@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tolgate import FixedTolerance, GatedSolver, TolerancePolicy
+from tolgate import GatedSolver, TolerancePolicy
+from tolgate.solver import DEFAULT_EVAL_POLICY  # Section 4.2: evaluate at a fixed tight tolerance
 
 from .cnf import DIVERGENCES, NOISES, CNFBlock, Divergence, Noise, Regularisers
 from .conditioning import (
@@ -45,8 +46,6 @@ ModelKind = Literal["cnf", "ccnf", "infocnf"]
 MODEL_KINDS = ("cnf", "ccnf", "infocnf")
 # policy_factory(block_index, in_channels) -> the tolerance policy of that block's GatedSolver.
 PolicyFactory = Callable[[int, int], TolerancePolicy]
-# Section 4.2: evaluate at a fixed tight tolerance, never the sampled training one.
-DEFAULT_EVAL_POLICY = FixedTolerance(1e-5)
 
 
 @dataclass
