@@ -175,6 +175,11 @@ class PerSampleBackend:
                 "the output would be ragged); use backend='torchdiffeq' for event_fn"
             )
         grid = choice.step_size is not None or choice.grid_steps is not None
+        if request.t.requires_grad:
+            raise NotImplementedError(
+                "backend 'per_sample' does not differentiate with respect to t (its gradient would be silently "
+                "zero): pass t.detach(), or use backend='torchdiffeq' for gradients in t"
+            )
         if choice.rtol is None or choice.atol is None or grid or choice.per_element:
             raise ValueError(
                 "backend 'per_sample' takes rtol/atol (a float or one per sample) from the policy, "

@@ -217,35 +217,50 @@ class ScheduledTolerance(TolerancePolicy):
         cls, start: float, end: float, duration: float, unit: Literal["step", "epoch"] = "epoch"
     ) -> ScheduledTolerance:
         """Interpolate ``log10(tolerance)`` linearly from ``start`` to ``end`` over ``duration``."""
-        validate_tolerance(start, "start")
-        validate_tolerance(end, "end")
-        if duration <= 0:
-            raise ValueError(f"duration must be > 0, got {duration!r}")
-        lo, hi = math.log10(start), math.log10(end)
-
-        def schedule(progress: float) -> float:
-            frac = min(max(progress / duration, 0.0), 1.0)
-            return 10.0 ** (lo + frac * (hi - lo))
-
-        return cls(schedule, unit)
+        return cls(LogLinearSchedule(start, end, duration), unit)
 
     @classmethod
     def piecewise(
         cls, boundaries: Sequence[float], values: Sequence[float], unit: Literal["step", "epoch"] = "epoch"
     ) -> ScheduledTolerance:
         """``values[k]`` while ``boundaries[k-1] <= progress < boundaries[k]``; one more value than boundaries."""
+        return cls(PiecewiseSchedule(boundaries, values), unit)
+
+
+class LogLinearSchedule:
+    """``progress -> tolerance``: ``log10`` linear from ``start`` to ``end`` over ``duration``, then
+    ``end``. An object rather than a closure, so solvers using it pickle and ``torch.save``."""
+
+    def __init__(self, start: float, end: float, duration: float) -> None:
+        validate_tolerance(start, "start")
+        validate_tolerance(end, "end")
+        if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not math.isfinite(duration):
+            raise ValueError(f"duration must be a finite number > 0, got {duration!r}")
+        if duration <= 0:
+            raise ValueError(f"duration must be > 0, got {duration!r}")
+        self.log10_start, self.log10_end, self.duration = math.log10(start), math.log10(end), float(duration)
+
+    def __call__(self, progress: float) -> float:
+        frac = min(max(progress / self.duration, 0.0), 1.0)
+        return 10.0 ** (self.log10_start + frac * (self.log10_end - self.log10_start))
+
+
+class PiecewiseSchedule:
+    """``progress -> values[k]`` while ``boundaries[k-1] <= progress < boundaries[k]`` (picklable)."""
+
+    def __init__(self, boundaries: Sequence[float], values: Sequence[float]) -> None:
         if len(values) != len(boundaries) + 1:
             raise ValueError(f"need len(values) == len(boundaries) + 1, got {len(values)} and {len(boundaries)}")
+        if any(not math.isfinite(b) for b in boundaries):
+            raise ValueError(f"boundaries must be finite, got {list(boundaries)}")
         if list(boundaries) != sorted(boundaries):
             raise ValueError(f"boundaries must be increasing, got {list(boundaries)}")
         for v in values:
             validate_tolerance(v, "piecewise value")
-        bounds, vals = list(boundaries), [float(v) for v in values]
+        self.boundaries, self.values = [float(b) for b in boundaries], [float(v) for v in values]
 
-        def schedule(progress: float) -> float:
-            return vals[sum(progress >= b for b in bounds)]
-
-        return cls(schedule, unit)
+    def __call__(self, progress: float) -> float:
+        return self.values[sum(progress >= b for b in self.boundaries)]
 
 
 class GaussianGate(TolerancePolicy):

@@ -152,29 +152,46 @@ class GatedSolver(nn.Module):
             )
         if not isinstance(policy, TolerancePolicy):
             raise TypeError(f"policy must be a TolerancePolicy, got {type(policy).__name__}")
-        if max_num_steps is not None and (
-            not isinstance(max_num_steps, int) or isinstance(max_num_steps, bool) or max_num_steps < 1
-        ):
-            raise ValueError(f"max_num_steps must be an int >= 1 or None, got {max_num_steps!r}")
-        if adjoint_tolerance is not None and not any(isinstance(v, (torch.Tensor, tuple)) for v in adjoint_tolerance):
-            validate_tolerance(adjoint_tolerance[0], "adjoint rtol")
-            validate_tolerance(adjoint_tolerance[1], "adjoint atol")
+        if eval_policy is not None and not isinstance(eval_policy, TolerancePolicy):
+            raise TypeError(f"eval_policy must be a TolerancePolicy or None, got {type(eval_policy).__name__}")
+        _check_adjoint_tolerance(adjoint_tolerance)
+        options = dict(options or {})
+        from_options = options.pop("max_num_steps", None)
+        if max_num_steps is not None and from_options is not None and from_options != max_num_steps:
+            raise ValueError(
+                f"max_num_steps={max_num_steps!r} and options['max_num_steps']={from_options!r} disagree; give one"
+            )
         self.policy = policy
         self.eval_policy = eval_policy
         self.backend = solver_backend
-        self.max_num_steps = max_num_steps
         self.method = method
         self.eval_method = eval_method
         self.penalties = penalties
         self.adjoint = adjoint
         self.adjoint_method = adjoint_method
-        self.options = dict(options or {})
-        if max_num_steps is not None:
-            self.options["max_num_steps"] = max_num_steps
+        self.options = options
+        self.max_num_steps = max_num_steps if max_num_steps is not None else from_options
         self.adjoint_tolerance = adjoint_tolerance
         self.adjoint_options = adjoint_options
         self.records: deque[SolveRecord] = deque(maxlen=max_records)
         self.progress = Progress()
+
+    @property
+    def max_num_steps(self) -> int | None:
+        """The step budget of every solve (both backends, the adjoint's too unless its options set
+        one); settable, ``None`` for no budget."""
+        return self._max_num_steps
+
+    @max_num_steps.setter
+    def max_num_steps(self, value: int | None) -> None:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"max_num_steps must be an int >= 1 or None, got {value!r}")
+        self._max_num_steps = value
+        # torchdiffeq's backend reads the budget where torchdiffeq's own callers put it
+        if value is None:
+            self.options.pop("max_num_steps", None)
+        else:
+            self.options["max_num_steps"] = value
 
     def reset(self) -> None:
         """Forget all records."""
@@ -287,6 +304,20 @@ def _run_recorded(run: Run, record: SolveRecord) -> Any:
             record.t_reached = time_of(None if run.field is None else run.field.last_t)
             attach_record(exc, record)
         raise
+
+
+def _check_adjoint_tolerance(adjoint_tolerance: Any) -> None:
+    """``None`` or a pair ``(rtol, atol)``: floats checked here, tensors or tuples by torchdiffeq."""
+    if adjoint_tolerance is None:
+        return
+    if not isinstance(adjoint_tolerance, (tuple, list)) or len(adjoint_tolerance) != 2:
+        raise TypeError(
+            f"adjoint_tolerance must be a pair (rtol, atol) or None, got {adjoint_tolerance!r}; "
+            "e.g. adjoint_tolerance=(1e-5, 1e-5)"
+        )
+    if not any(isinstance(v, (torch.Tensor, tuple)) for v in adjoint_tolerance):
+        validate_tolerance(adjoint_tolerance[0], "adjoint rtol")
+        validate_tolerance(adjoint_tolerance[1], "adjoint atol")
 
 
 def _check_state(y0: State, t: torch.Tensor) -> None:
