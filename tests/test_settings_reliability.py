@@ -84,3 +84,34 @@ def test_scheduled_solvers_pickle_and_behave_the_same() -> None:
 def test_a_schedule_needs_a_finite_positive_duration(duration: float) -> None:
     with pytest.raises(ValueError, match="duration"):
         ScheduledTolerance.log_linear(1e-5, 1e-3, duration=duration)
+
+
+BAD_FIELDS = {
+    "none": (lambda t, y: None, TypeError, "NoneType"),
+    "float": (lambda t, y: 1.0, TypeError, "float"),
+    "wrong-shape": (lambda t, y: y[:, :1], ValueError, r"shape \(3, 1\)"),
+    "wrong-dtype": (lambda t, y: y.float(), TypeError, "torch.float32"),
+    "tuple-for-tensor": (lambda t, y: (y,), TypeError, "tuple of 1"),
+}
+
+
+@pytest.mark.parametrize("backend", ["torchdiffeq", "per_sample"])
+@pytest.mark.parametrize("name", BAD_FIELDS)
+def test_what_a_field_returns_is_checked_on_its_first_evaluation(backend: str, name: str) -> None:
+    field, error, message = BAD_FIELDS[name]
+    solver = GatedSolver(FixedTolerance(1e-5), backend=backend)
+    with pytest.raises(error, match=message) as raised:
+        solver(field, torch.ones(3, 2, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert "the state y is" in str(raised.value) or "for a state a tensor of shape (3, 2)" in str(raised.value)
+
+
+def test_a_tuple_state_needs_a_tuple_of_matching_derivatives() -> None:
+    solver = GatedSolver(FixedTolerance(1e-5))
+    y0 = (torch.ones(2, 2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with pytest.raises(TypeError, match="tuple of 1"):
+        solver(lambda t, y: (y[0],), y0, t)
+    with pytest.raises(ValueError, match="element 0 of the tuple"):
+        solver(lambda t, y: (y[0].sum(), -y[1]), y0, t)
+    out = solver(lambda t, y: (-y[0], y[0].sum(1)), y0, t)  # a good one still solves
+    assert out[0].shape == (2, 2, 2)

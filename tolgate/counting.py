@@ -53,6 +53,8 @@ class CountingField:
         except BaseException as exc:
             self._field_raised(exc, t)
             raise
+        if self.record.nfe_forward == 1 and not self.in_backward:  # the first evaluation: is it a derivative of y?
+            check_field_output(out, y)
         self.last_output = out
         if not self.in_backward and torch.is_grad_enabled():
             self._count_vjp_when_backpropagated(out)
@@ -91,6 +93,38 @@ class CountingField:
 
         for tensor in tensors:
             tensor.register_hook(hook)
+
+
+def check_field_output(out: object, y: State) -> None:
+    """Raise ``TypeError`` (type, tuple structure, dtype, device) or ``ValueError`` (shape) unless
+    ``out`` can be the derivative of ``y``: the same structure, shapes, dtypes and devices. Both
+    are named; torchdiffeq would otherwise fail deep inside a step with an ``AttributeError`` or a
+    broadcasting error, or broadcast a wrong shape silently."""
+    expected = y if isinstance(y, tuple) else (y,)
+    if isinstance(y, tuple) != isinstance(out, tuple) or (isinstance(out, tuple) and len(out) != len(y)):
+        raise TypeError(f"the vector field returned {_described(out)}; the state y is {_described(y)}")
+    for k, (got, state) in enumerate(zip(out if isinstance(out, tuple) else (out,), expected, strict=True)):
+        where = f" (element {k} of the tuple)" if isinstance(y, tuple) else ""
+        if not isinstance(got, torch.Tensor):
+            raise TypeError(f"the vector field returned {_described(out)}{where}; the state y is {_described(y)}")
+        if got.dtype != state.dtype or got.device != state.device:
+            raise TypeError(
+                f"the vector field returned {_described(got)}{where} for a state {_described(state)}: "
+                "dtype and device must match the state's"
+            )
+        if got.shape != state.shape:
+            raise ValueError(
+                f"the vector field returned {_described(got)}{where} for a state {_described(state)}: "
+                "dy/dt must have the state's shape"
+            )
+
+
+def _described(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}, {value.dtype} on {value.device}"
+    if isinstance(value, tuple):
+        return f"a tuple of {len(value)} ({', '.join(_described(v) for v in value)})"
+    return f"{type(value).__name__} {value!r}"[:200]
 
 
 def check_solution(ys: State, times: list[float], field: CountingField, record: SolveRecord) -> None:
