@@ -115,3 +115,16 @@ def test_a_tuple_state_needs_a_tuple_of_matching_derivatives() -> None:
         solver(lambda t, y: (y[0].sum(), -y[1]), y0, t)
     out = solver(lambda t, y: (-y[0], y[0].sum(1)), y0, t)  # a good one still solves
     assert out[0].shape == (2, 2, 2)
+
+
+@pytest.mark.parametrize("backend", ["torchdiffeq", "per_sample"])
+def test_empty_states_and_integer_contexts_are_named(backend: str) -> None:
+    solver = GatedSolver(FixedTolerance(1e-5), backend=backend)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="empty"):
+        solver(lambda t, y: -y, torch.ones(0, 2, dtype=torch.float64), t)
+    with pytest.raises(ValueError, match="empty tuple"):
+        solver(lambda t, y: y, (), t)
+    with pytest.raises(TypeError, match="context"):
+        solver(lambda t, y: -y, torch.ones(2, 2, dtype=torch.float64), t, context=torch.ones(2, 2, dtype=torch.int64))
+    assert len(solver.records) == 0  # refused before anything was solved

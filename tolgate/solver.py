@@ -234,6 +234,9 @@ class GatedSolver(nn.Module):
         _check_state(y0, t)
         if context is None:
             context = y0[0] if isinstance(y0, tuple) else y0
+        elif not isinstance(context, torch.Tensor) or not torch.is_floating_point(context):
+            what = context.dtype if isinstance(context, torch.Tensor) else type(context).__name__
+            raise TypeError(f"context (what the policy reads) must be a floating-point tensor, got {what}")
         choice = self.choose_tolerance(context)
         method = self._method_for(choice)
         request = SolveRequest(
@@ -322,11 +325,15 @@ def _check_adjoint_tolerance(adjoint_tolerance: Any) -> None:
 
 def _check_state(y0: State, t: torch.Tensor) -> None:
     tensors = y0 if isinstance(y0, tuple) else (y0,)
+    if not tensors:
+        raise ValueError("y0 is an empty tuple: a tuple state needs at least one tensor")
     for k, tensor in enumerate(tensors):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"y0 must be a tensor or a tuple of tensors; element {k} is {type(tensor).__name__}")
         if not torch.is_floating_point(tensor):
             raise TypeError(f"y0 must be floating point; element {k} has dtype {tensor.dtype}")
+        if tensor.numel() == 0:
+            raise ValueError(f"y0 (element {k}) is empty, shape {tuple(tensor.shape)}: nothing to solve")
         if non_finite(tensor):
             raise NonFiniteStateError(
                 f"y0 (element {k}) contains NaN or inf at the initial time t={float(t[0]):.6g}; nothing was solved"
