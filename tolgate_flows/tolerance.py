@@ -229,20 +229,14 @@ class ToleranceLearner:
         self.config = config
         self.seed = seed
         self.baseline = RunningMeanBaseline(config.baseline_momentum)
+        # auto-learned's gates draw whole rungs; the tolerance gates draw decades
+        spread = config.ladder_exploration_std if config.mode == "auto-learned" else config.exploration_std
         self.estimator = ProbedGateEstimator(
             draws=config.probe_draws,
             reference_tol=config.reference_tol,
             fraction=config.budget_fraction,
             penalty=config.penalty,
-            exploration_std=config.exploration_std,
-            multiplier_lr=config.multiplier_lr,
-        )
-        self.ladder_estimator = ProbedGateEstimator(
-            draws=config.probe_draws,
-            reference_tol=config.reference_tol,
-            fraction=config.budget_fraction,
-            penalty=config.penalty,
-            exploration_std=config.ladder_exploration_std,
+            exploration_std=spread,
             multiplier_lr=config.multiplier_lr,
         )
 
@@ -286,7 +280,7 @@ class ToleranceLearner:
             )
             nfe, rows = climbed.nfe_forward, climbed.rows
             if self.config.mode == "auto-learned":  # then the gates learn departures from the new rungs
-                surrogate, probe_report = self.ladder_estimator.loss(model, objective, noise_seed, batch_size)
+                surrogate, probe_report = self.estimator.loss(model, objective, noise_seed, batch_size)
                 surrogate.backward()
                 nfe += probe_report.probe_nfe_forward
             return ProbeCost(
