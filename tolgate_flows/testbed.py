@@ -18,12 +18,9 @@ What :func:`run_testbed` reports (``summary.json``), and why:
   block) against ``test_nll`` (same set, the fixed ``eval_tol``) shows whether it did.
 * ``integral_at_used_tol`` / ``integral_at_eval_tol``: the model's density integrated over the
   testbed's box; a density solved loosely need not integrate to one.
-* ``ladder_evaluation``: the held-out NLL and its NFE at every rung of
-  :data:`~tolgate_flows.cheapest_eval.EVALUATION_LADDER` (dopri5 1e-5 ... 1e-1, RK4 8 ... 1
-  steps; every block at the rung), for the cheapest honest evaluation of the trained model.
-* ``auto`` and ``auto-learned`` modes: ``final_settings`` (each solve's setting at the last
-  iteration; also in every mode), ``rungs`` per ``log.jsonl`` line (each block's mean ladder rung
-  over the window), and the ``*_at_used_tol`` keys at the rung each block trained on last.
+* ``ladder_evaluation``: held-out NLL and NFE at every rung of the evaluation ladder
+  (:mod:`~tolgate_flows.cheapest_eval`). ``final_settings``: each solve's last setting; in the
+  ladder modes ``log.jsonl`` has ``rungs`` and ``*_at_used_tol`` is at the last rung.
 * Levers (:mod:`.levers`: RNODE, solver penalties, STEER, fixed-grid training): the training loss
   adds the weighted penalties (:func:`~tolgate_flows.levers.with_penalties`) and ``log.jsonl``
   reports each penalty's value per iteration (``kinetic, jacobian, local_error, stiffness``;
@@ -58,6 +55,7 @@ from tolgate import (
     FixedSetting,
     FixedTolerance,
     MLPGate,
+    SolverLadder,
     SolverSetting,
     TolerancePolicy,
     collect_records,
@@ -173,8 +171,7 @@ class StepStats:
     """What one training iteration measured. NFE summed over blocks; ``log10_tolerance`` per
     block (``None`` on a fixed grid); ``nll`` and ``cross_entropy`` (``None`` for cnf) batch means
     in nats; ``penalties`` the levers' values before weighting; ``settings`` each training solve's
-    solver setting (``record.setting``); ``rungs`` each solve's ladder rung in the ladder modes
-    (``None`` otherwise), both as this iteration trained, before its probes moved anything."""
+    solver setting (``record.setting``), before the iteration's probes moved anything."""
 
     nfe_forward: int
     nfe_backward: int
@@ -185,7 +182,6 @@ class StepStats:
     seconds: float
     penalties: PenaltyValues = field(default_factory=PenaltyValues)
     settings: list[str] = field(default_factory=list)
-    rungs: list[int] | None = None
 
 
 def batch_at(config: TestbedConfig, iteration: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -230,7 +226,6 @@ def train_step(
     total, penalties = with_penalties(loss, config.levers, out.regularisers, records)
     optimizer.zero_grad(set_to_none=True)
     learner.backward(total, records, loss.detach())
-    ladder = solver_ladder(config.tolerance) if config.tolerance.mode in LADDER_MODES else None
     rows = config.tolerance.probe_size
     probe_x, probe_y = x[:rows], None if y is None else y[:rows]
 
@@ -250,7 +245,6 @@ def train_step(
         seconds=time.perf_counter() - start,
         penalties=penalties,
         settings=[r.setting for r in records],
-        rungs=None if ladder is None else [ladder.index(SolverSetting.parse(r.setting)) for r in records],
     )
 
 
@@ -286,7 +280,8 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return statistics.fmean(present) if present else None
 
 
-def _window(stats: Sequence[StepStats], iteration: int) -> dict:
+def _window(stats: Sequence[StepStats], iteration: int, ladder: SolverLadder | None = None) -> dict:
+    """Means over ``stats``; ``rungs``: each solve's mean rung on ``ladder`` (the ladder modes')."""
     blocks = zip(*(s.log10_tolerance for s in stats), strict=True)
     return {
         "iteration": iteration,
@@ -299,7 +294,7 @@ def _window(stats: Sequence[StepStats], iteration: int) -> dict:
         **{name: _mean([getattr(s.penalties, name) for s in stats]) for name in PENALTIES},
         "seconds_per_iteration": _mean([s.seconds for s in stats]),
         "settings": stats[-1].settings,
-        "rungs": None if stats[-1].rungs is None else [_mean(b) for b in zip(*(s.rungs for s in stats), strict=True)],
+        "rungs": None if ladder is None else _mean_rungs(stats, ladder),
     }
 
 
@@ -336,13 +331,14 @@ def run_testbed(config: TestbedConfig, out_dir: str | Path) -> dict:
     start = time.perf_counter()
     with torch.random.fork_rng():
         training = Training.start(config)
+        ladder = solver_ladder(config.tolerance) if config.tolerance.mode in LADDER_MODES else None
         stats: list[StepStats] = []
         with (out / "log.jsonl").open("w") as log:
             for iteration in range(config.iterations):
                 stats.append(training.step(iteration))
                 if (iteration + 1) % config.log_every == 0 or iteration + 1 == config.iterations:
                     window = stats[-((iteration % config.log_every) + 1) :]
-                    log.write(json.dumps(_window(window, iteration + 1)) + "\n")
+                    log.write(json.dumps(_window(window, iteration + 1, ladder)) + "\n")
                     log.flush()
         summary = _summarise(training.model, config, stats)
     summary["wall_seconds"] = time.perf_counter() - start
@@ -350,6 +346,11 @@ def run_testbed(config: TestbedConfig, out_dir: str | Path) -> dict:
     temporary.write_text(json.dumps(summary, indent=1))
     temporary.replace(out / "summary.json")  # a summary on disk is a finished run
     return summary
+
+
+def _mean_rungs(stats: Sequence[StepStats], ladder: SolverLadder) -> list[float | None]:
+    per_solve = zip(*(s.settings for s in stats), strict=True)
+    return [_mean([ladder.index(SolverSetting.parse(setting)) for setting in solve]) for solve in per_solve]
 
 
 def _ladder_evaluation(model: VectorFlow, x: torch.Tensor, y: torch.Tensor | None) -> list[RungEvaluation]:
